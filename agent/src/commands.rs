@@ -1,0 +1,4 @@
+pub mod enroll;
+pub mod restore;
+pub mod snapshots;
+pub mod sync;

@@ -1,0 +1,117 @@
+//! `morgana-agent`: the endpoint side of Morgana.
+
+mod client;
+mod commands;
+mod state;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "morgana-agent",
+    version,
+    about = "Morgana endpoint agent: protect and restore this machine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enrol this endpoint with an appliance, using a token from `morgana enroll-token`.
+    Enroll {
+        /// The appliance, e.g. https://appliance.example:8443
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        token: String,
+        /// The directory tree this device protects.
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Take one snapshot of the protected root.
+    Sync {
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Print one JSON object instead of a human summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List this device's snapshots.
+    Snapshots {
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a snapshot, or a path inside it, into a directory.
+    Restore {
+        /// A snapshot id, or `latest`.
+        #[arg(long)]
+        snapshot: String,
+        #[arg(long)]
+        to: PathBuf,
+        /// Restore only this file or directory (relative to the protected root).
+        #[arg(long)]
+        path: Option<PathBuf>,
+        /// Allow restoring into a directory that is not empty, replacing what is there.
+        #[arg(long)]
+        overwrite: bool,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .expect("no other crypto provider is installed");
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MORGANA_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Enroll {
+                server,
+                token,
+                root,
+                state_dir,
+            } => commands::enroll::run(state_dir, &server, &token, &root).await,
+            Command::Sync { state_dir, json } => commands::sync::run(state_dir, json).await,
+            Command::Snapshots { state_dir, json } => {
+                commands::snapshots::run(state_dir, json).await
+            }
+            Command::Restore {
+                snapshot,
+                to,
+                path,
+                overwrite,
+                state_dir,
+            } => {
+                commands::restore::run(state_dir, &snapshot, &to, path.as_deref(), overwrite).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("morgana-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

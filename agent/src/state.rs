@@ -1,0 +1,143 @@
+//! The agent's state directory: which appliance it belongs to, its credential, its caches.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+const DEVICE_FILE: &str = "device.json";
+pub const CLIENT_KEY_FILE: &str = "client.key";
+pub const CLIENT_CERT_FILE: &str = "client.crt";
+pub const CA_CERT_FILE: &str = "ca.crt";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(
+        "this agent is not enrolled (no {0}): run `morgana-agent enroll --server URL --token TOKEN \
+         --root DIR` with a token from `morgana enroll-token`"
+    )]
+    NotEnrolled(PathBuf),
+    #[error("cannot read or write the agent state at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the agent state file {path} is damaged ({reason}); enrol again into a new --state-dir"
+    )]
+    Damaged { path: PathBuf, reason: String },
+    #[error(
+        "cannot choose a state directory: neither XDG_STATE_HOME nor HOME is set; pass --state-dir"
+    )]
+    NoDefault,
+}
+
+/// `/var/lib/morgana-agent` as root, else `$XDG_STATE_HOME/morgana-agent` (which defaults to
+/// `~/.local/state`).
+pub fn default_dir() -> Result<PathBuf, StateError> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(PathBuf::from("/var/lib/morgana-agent"));
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("morgana-agent"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .ok_or(StateError::NoDefault)?;
+    Ok(PathBuf::from(home).join(".local/state/morgana-agent"))
+}
+
+/// What enrolment learned, saved as `device.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Device {
+    pub server: String,
+    pub device_id: String,
+    /// The directory this device protects.
+    pub root: PathBuf,
+}
+
+/// An open state directory.
+#[derive(Clone, Debug)]
+pub struct State {
+    pub dir: PathBuf,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl State {
+    pub fn open(dir: Option<PathBuf>) -> Result<State, StateError> {
+        let dir = match dir {
+            Some(d) => d,
+            None => default_dir()?,
+        };
+        Ok(State { dir })
+    }
+
+    pub fn create_dir(&self) -> Result<(), StateError> {
+        fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(io(&self.dir))
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn is_enrolled(&self) -> bool {
+        self.path(DEVICE_FILE).exists()
+    }
+
+    pub fn device(&self) -> Result<Device, StateError> {
+        let path = self.path(DEVICE_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StateError::NotEnrolled(path));
+            }
+            Err(e) => return Err(io(&path)(e)),
+        };
+        serde_json::from_slice(&bytes).map_err(|e| StateError::Damaged {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    pub fn read(&self, name: &str) -> Result<Vec<u8>, StateError> {
+        let path = self.path(name);
+        fs::read(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StateError::NotEnrolled(path),
+            _ => io(&path)(e),
+        })
+    }
+
+    /// Writes a state file atomically with the given mode (credentials get 0600).
+    pub fn write(&self, name: &str, bytes: &[u8], mode: u32) -> Result<(), StateError> {
+        let path = self.path(name);
+        let tmp = self.path(&format!(".{name}.tmp"));
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        f.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(io(&tmp))?;
+        f.write_all(bytes)
+            .and_then(|_| f.sync_all())
+            .map_err(io(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io(&path))
+    }
+
+    pub fn save_device(&self, device: &Device) -> Result<(), StateError> {
+        let json = serde_json::to_vec_pretty(device).expect("device serializes");
+        self.write(DEVICE_FILE, &json, 0o600)
+    }
+}

@@ -1,0 +1,148 @@
+//! The catalog: every piece of metadata the appliance keeps (enrolment tokens, devices, the
+//! blob index, packs, snapshots). Callers see this trait only, never SQL, so the clustered
+//! MongoDB implementation can slot in behind it.
+//!
+//! The blob index lives here and nowhere else: no caller holds the set of stored ids in
+//! memory, so the appliance's memory does not grow with the repository. Lookups take
+//! slices of ids and implementations batch them; listings are pages keyed by the last item
+//! seen, so a caller walking everything holds one page at a time.
+
+pub mod sqlite;
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use morgana_core::Id;
+use morgana_core::pack::{BlobKind, Compression, PackEntry};
+use morgana_core::wire::SnapshotInfo;
+
+pub use sqlite::SqliteCatalog;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot open the catalog {}: {source}", path.display())]
+    Open { path: PathBuf, source: sqlx::Error },
+    #[error(
+        "cannot bring the catalog {} up to date: {source} (was it written by a newer \
+         `morgana`? run the newest version, or restore the catalog from a backup)",
+        path.display()
+    )]
+    Migrate {
+        path: PathBuf,
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("catalog query failed while {doing}: {source}")]
+    Query {
+        doing: &'static str,
+        source: sqlx::Error,
+    },
+    #[error("the catalog holds a malformed {what}: {detail}; run `morgana check`")]
+    Corrupt { what: &'static str, detail: String },
+    #[error("this enrolment token is unknown: create one with `morgana enroll-token`")]
+    TokenUnknown,
+    #[error("this enrolment token has expired: create a new one with `morgana enroll-token`")]
+    TokenExpired,
+    #[error(
+        "this enrolment token has been used as many times as it allows: create a new one \
+         with `morgana enroll-token --uses N`"
+    )]
+    TokenUsedUp,
+}
+
+pub type Result<T, E = CatalogError> = std::result::Result<T, E>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Device {
+    /// 16 lowercase hex digits.
+    pub id: String,
+    pub hostname: String,
+    /// Id (BLAKE3) of the device certificate's DER.
+    pub cert_fingerprint: Id,
+    /// RFC 3339 UTC.
+    pub created: String,
+    pub revoked: bool,
+}
+
+/// A stored pack file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackRecord {
+    pub id: Id,
+    /// The volume directory holding it; the file's place inside follows from the id.
+    pub volume: PathBuf,
+    pub size: u64,
+    pub blob_count: u64,
+    pub created: String,
+}
+
+/// Where a blob is stored: its pack (and the pack's volume) and its place in the pack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobLocation {
+    pub pack: Id,
+    pub volume: PathBuf,
+    pub entry: PackEntry,
+}
+
+impl BlobLocation {
+    pub fn kind(&self) -> BlobKind {
+        self.entry.kind
+    }
+    pub fn compression(&self) -> Compression {
+        self.entry.compression
+    }
+}
+
+#[async_trait]
+pub trait Catalog: Send + Sync {
+    /// Stores a new enrolment token by the hash of its secret.
+    async fn create_token(&self, secret_hash: Id, uses: u32, expires_at_ms: i64) -> Result<()>;
+
+    /// Uses one enrolment of the token and records the device, both or neither. Fails with
+    /// `TokenUnknown`, `TokenExpired` or `TokenUsedUp` and changes nothing then.
+    async fn enroll_device(&self, secret_hash: Id, now_ms: i64, device: &Device) -> Result<()>;
+
+    async fn device_by_fingerprint(&self, fingerprint: Id) -> Result<Option<Device>>;
+
+    /// The ids, in the order given, that the blob index does not hold.
+    async fn missing_blobs(&self, ids: &[Id]) -> Result<Vec<Id>>;
+
+    /// The ids, in the order given, that are neither indexed blobs nor recorded whole files.
+    async fn missing_objects(&self, ids: &[Id]) -> Result<Vec<Id>>;
+
+    /// Locations of the ids, aligned with the input (`None` for ids not indexed).
+    async fn locate_blobs(&self, ids: &[Id]) -> Result<Vec<Option<BlobLocation>>>;
+
+    /// Records a written pack and indexes its blobs in one step. Blobs some other pack
+    /// indexed meanwhile keep their first location.
+    async fn insert_pack(&self, pack: &PackRecord, entries: &[PackEntry]) -> Result<()>;
+
+    /// Packs ordered by id, starting after `after`.
+    async fn packs_page(&self, after: Option<Id>, limit: u32) -> Result<Vec<PackRecord>>;
+
+    /// The index entries pointing into `pack`, ordered by offset, after offset `after`.
+    async fn pack_blobs_page(
+        &self,
+        pack: Id,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<PackEntry>>;
+
+    /// Indexed blobs whose pack the catalog does not list, ordered by id, after `after`:
+    /// `(blob, pack)`. Empty in a healthy catalog.
+    async fn orphan_blobs_page(&self, after: Option<Id>, limit: u32) -> Result<Vec<(Id, Id)>>;
+
+    /// Whether a tree's whole closure was verified present before.
+    async fn tree_complete(&self, tree: Id) -> Result<bool>;
+
+    async fn mark_tree_complete(&self, tree: Id) -> Result<()>;
+
+    /// Records whole-file ids whose chunks are all indexed.
+    async fn record_files(&self, files: &[Id]) -> Result<()>;
+
+    async fn insert_snapshot(&self, snapshot: &SnapshotInfo) -> Result<()>;
+
+    /// A device's snapshots, oldest first.
+    async fn device_snapshots(&self, device_id: &str) -> Result<Vec<SnapshotInfo>>;
+
+    /// All snapshots ordered by id, after `after`.
+    async fn snapshots_page(&self, after: Option<&str>, limit: u32) -> Result<Vec<SnapshotInfo>>;
+}

@@ -1,0 +1,689 @@
+//! The embedded catalog: one SQLite file in WAL mode, so `morgana enroll-token` and
+//! `morgana check` can work beside a running server.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use morgana_core::Id;
+use morgana_core::pack::{BlobKind, Compression, PackEntry};
+use morgana_core::wire::{SnapshotInfo, SnapshotStats};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, Row};
+
+use super::{BlobLocation, Catalog, CatalogError, Device, PackRecord, Result};
+
+/// Ids per `IN (…)` lookup: far below SQLite's variable limit, large enough to amortise.
+const BATCH: usize = 500;
+
+pub struct SqliteCatalog {
+    pool: SqlitePool,
+}
+
+fn q(doing: &'static str) -> impl FnOnce(sqlx::Error) -> CatalogError {
+    move |source| CatalogError::Query { doing, source }
+}
+
+fn placeholders(n: usize) -> String {
+    let mut s = String::with_capacity(n * 2);
+    for i in 0..n {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push('?');
+    }
+    s
+}
+
+fn id_col(row: &SqliteRow, col: &str, what: &'static str) -> Result<Id> {
+    let bytes: Vec<u8> = row.try_get(col).map_err(q("reading a row"))?;
+    Id::from_slice(&bytes).ok_or_else(|| CatalogError::Corrupt {
+        what,
+        detail: format!("column {col} holds {} bytes instead of 32", bytes.len()),
+    })
+}
+
+fn u32_col(row: &SqliteRow, col: &str, what: &'static str) -> Result<u32> {
+    let v: i64 = row.try_get(col).map_err(q("reading a row"))?;
+    u32::try_from(v).map_err(|_| CatalogError::Corrupt {
+        what,
+        detail: format!("column {col} holds {v}"),
+    })
+}
+
+fn u64_col(row: &SqliteRow, col: &str) -> Result<u64> {
+    // Stored as the bit pattern of the u64 (SQLite integers are signed).
+    let v: i64 = row.try_get(col).map_err(q("reading a row"))?;
+    Ok(v as u64)
+}
+
+fn entry_from_row(row: &SqliteRow) -> Result<PackEntry> {
+    let id = id_col(row, "id", "blob index entry")?;
+    let bad = |detail: String| CatalogError::Corrupt {
+        what: "blob index entry",
+        detail,
+    };
+    let kind_byte: i64 = row.try_get("kind").map_err(q("reading a row"))?;
+    let kind = u8::try_from(kind_byte)
+        .ok()
+        .and_then(BlobKind::from_u8)
+        .ok_or_else(|| bad(format!("blob {id} has kind {kind_byte}")))?;
+    let comp_byte: i64 = row.try_get("compression").map_err(q("reading a row"))?;
+    let compression = u8::try_from(comp_byte)
+        .ok()
+        .and_then(Compression::from_u8)
+        .ok_or_else(|| bad(format!("blob {id} has compression {comp_byte}")))?;
+    let offset: i64 = row.try_get("offset").map_err(q("reading a row"))?;
+    let offset =
+        u64::try_from(offset).map_err(|_| bad(format!("blob {id} has offset {offset}")))?;
+    Ok(PackEntry {
+        id,
+        kind,
+        compression,
+        offset,
+        stored_len: u32_col(row, "stored_len", "blob index entry")?,
+        raw_len: u32_col(row, "raw_len", "blob index entry")?,
+    })
+}
+
+fn pack_from_row(row: &SqliteRow) -> Result<PackRecord> {
+    let volume: String = row.try_get("volume").map_err(q("reading a row"))?;
+    Ok(PackRecord {
+        id: id_col(row, "id", "pack record")?,
+        volume: PathBuf::from(volume),
+        size: u64_col(row, "size")?,
+        blob_count: u64_col(row, "blob_count")?,
+        created: row.try_get("created").map_err(q("reading a row"))?,
+    })
+}
+
+fn device_from_row(row: &SqliteRow) -> Result<Device> {
+    let revoked: i64 = row.try_get("revoked").map_err(q("reading a row"))?;
+    Ok(Device {
+        id: row.try_get("id").map_err(q("reading a row"))?,
+        hostname: row.try_get("hostname").map_err(q("reading a row"))?,
+        cert_fingerprint: id_col(row, "cert_fingerprint", "device record")?,
+        created: row.try_get("created").map_err(q("reading a row"))?,
+        revoked: revoked != 0,
+    })
+}
+
+fn snapshot_from_row(row: &SqliteRow) -> Result<SnapshotInfo> {
+    Ok(SnapshotInfo {
+        id: row.try_get("id").map_err(q("reading a row"))?,
+        device_id: row.try_get("device_id").map_err(q("reading a row"))?,
+        root: id_col(row, "root", "snapshot record")?,
+        created: row.try_get("created").map_err(q("reading a row"))?,
+        reason: row.try_get("reason").map_err(q("reading a row"))?,
+        stats: SnapshotStats {
+            files: u64_col(row, "files")?,
+            dirs: u64_col(row, "dirs")?,
+            bytes: u64_col(row, "bytes")?,
+            bytes_sent: u64_col(row, "bytes_sent")?,
+            new_chunks: u64_col(row, "new_chunks")?,
+        },
+    })
+}
+
+const SNAPSHOT_COLUMNS: &str =
+    "id, device_id, root, created, reason, files, dirs, bytes, bytes_sent, new_chunks";
+
+impl SqliteCatalog {
+    /// Opens (and with `create`, creates) the catalog file and applies pending migrations.
+    pub async fn open(path: &Path, create: bool) -> Result<SqliteCatalog> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(create)
+            .journal_mode(SqliteJournalMode::Wal)
+            // A committed snapshot must survive power loss, as its packs do.
+            .synchronous(SqliteSynchronous::Full)
+            // Other processes (`enroll-token`, `check`) write beside the server.
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await
+            .map_err(|source| CatalogError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .map_err(|source| CatalogError::Migrate {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(SqliteCatalog { pool })
+    }
+
+    /// The subset of `ids` present in `table`'s `id` column(s), for one batch.
+    async fn present(
+        &self,
+        tables: &[&str],
+        ids: &[Id],
+        doing: &'static str,
+    ) -> Result<HashSet<Id>> {
+        let marks = placeholders(ids.len());
+        let sql = tables
+            .iter()
+            .map(|t| format!("SELECT id FROM {t} WHERE id IN ({marks})"))
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        // Only placeholders and fixed table names are spliced in; ids are bound.
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for _ in tables {
+            for id in ids {
+                query = query.bind(id.0.to_vec());
+            }
+        }
+        let rows = query.fetch_all(&self.pool).await.map_err(q(doing))?;
+        rows.iter().map(|r| id_col(r, "id", "id")).collect()
+    }
+
+    async fn missing_in(
+        &self,
+        tables: &[&str],
+        ids: &[Id],
+        doing: &'static str,
+    ) -> Result<Vec<Id>> {
+        let mut out = Vec::new();
+        for batch in ids.chunks(BATCH) {
+            let present = self.present(tables, batch, doing).await?;
+            out.extend(batch.iter().filter(|id| !present.contains(id)));
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Catalog for SqliteCatalog {
+    async fn create_token(&self, secret_hash: Id, uses: u32, expires_at_ms: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO enroll_tokens (secret_hash, uses_left, expires_at, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(secret_hash.0.to_vec())
+        .bind(i64::from(uses))
+        .bind(expires_at_ms)
+        .bind(crate::clock::now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(q("storing an enrolment token"))?;
+        Ok(())
+    }
+
+    async fn enroll_device(&self, secret_hash: Id, now_ms: i64, device: &Device) -> Result<()> {
+        const DOING: &str = "enrolling a device";
+        // IMMEDIATE takes the write lock up front: no other enrolment can spend the same
+        // last use between our check and our update.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(q(DOING))?;
+        let row =
+            sqlx::query("SELECT uses_left, expires_at FROM enroll_tokens WHERE secret_hash = ?")
+                .bind(secret_hash.0.to_vec())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(q(DOING))?;
+        let Some(row) = row else {
+            return Err(CatalogError::TokenUnknown);
+        };
+        let uses_left: i64 = row.try_get("uses_left").map_err(q(DOING))?;
+        let expires_at: i64 = row.try_get("expires_at").map_err(q(DOING))?;
+        if expires_at <= now_ms {
+            return Err(CatalogError::TokenExpired);
+        }
+        if uses_left <= 0 {
+            return Err(CatalogError::TokenUsedUp);
+        }
+        sqlx::query("UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE secret_hash = ?")
+            .bind(secret_hash.0.to_vec())
+            .execute(&mut *tx)
+            .await
+            .map_err(q(DOING))?;
+        sqlx::query(
+            "INSERT INTO devices (id, hostname, cert_fingerprint, created, revoked) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&device.id)
+        .bind(&device.hostname)
+        .bind(device.cert_fingerprint.0.to_vec())
+        .bind(&device.created)
+        .bind(device.revoked)
+        .execute(&mut *tx)
+        .await
+        .map_err(q(DOING))?;
+        tx.commit().await.map_err(q(DOING))?;
+        Ok(())
+    }
+
+    async fn device_by_fingerprint(&self, fingerprint: Id) -> Result<Option<Device>> {
+        let row = sqlx::query(
+            "SELECT id, hostname, cert_fingerprint, created, revoked FROM devices WHERE cert_fingerprint = ?",
+        )
+        .bind(fingerprint.0.to_vec())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("looking up a device"))?;
+        row.as_ref().map(device_from_row).transpose()
+    }
+
+    async fn missing_blobs(&self, ids: &[Id]) -> Result<Vec<Id>> {
+        self.missing_in(&["blobs"], ids, "looking up blobs").await
+    }
+
+    async fn missing_objects(&self, ids: &[Id]) -> Result<Vec<Id>> {
+        self.missing_in(&["blobs", "files"], ids, "looking up blobs and files")
+            .await
+    }
+
+    async fn locate_blobs(&self, ids: &[Id]) -> Result<Vec<Option<BlobLocation>>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(BATCH) {
+            let sql = format!(
+                "SELECT b.id, b.pack, b.kind, b.compression, b.offset, b.stored_len, b.raw_len, p.volume \
+                 FROM blobs b JOIN packs p ON p.id = b.pack WHERE b.id IN ({})",
+                placeholders(batch.len())
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for id in batch {
+                query = query.bind(id.0.to_vec());
+            }
+            let rows = query
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q("locating blobs"))?;
+            let mut found = HashMap::with_capacity(rows.len());
+            for row in &rows {
+                let entry = entry_from_row(row)?;
+                let volume: String = row.try_get("volume").map_err(q("locating blobs"))?;
+                let pack = id_col(row, "pack", "blob index entry")?;
+                found.insert(
+                    entry.id,
+                    BlobLocation {
+                        pack,
+                        volume: PathBuf::from(volume),
+                        entry,
+                    },
+                );
+            }
+            out.extend(batch.iter().map(|id| found.get(id).cloned()));
+        }
+        Ok(out)
+    }
+
+    async fn insert_pack(&self, pack: &PackRecord, entries: &[PackEntry]) -> Result<()> {
+        const DOING: &str = "recording a pack";
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(q(DOING))?;
+        sqlx::query(
+            "INSERT OR IGNORE INTO packs (id, volume, size, blob_count, created) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(pack.id.0.to_vec())
+        .bind(pack.volume.to_string_lossy().into_owned())
+        .bind(pack.size as i64)
+        .bind(pack.blob_count as i64)
+        .bind(&pack.created)
+        .execute(&mut *tx)
+        .await
+        .map_err(q(DOING))?;
+        for e in entries {
+            sqlx::query(
+                "INSERT OR IGNORE INTO blobs (id, pack, kind, compression, offset, stored_len, raw_len) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(e.id.0.to_vec())
+            .bind(pack.id.0.to_vec())
+            .bind(e.kind as i64)
+            .bind(e.compression as i64)
+            .bind(e.offset as i64)
+            .bind(i64::from(e.stored_len))
+            .bind(i64::from(e.raw_len))
+            .execute(&mut *tx)
+            .await
+            .map_err(q(DOING))?;
+        }
+        tx.commit().await.map_err(q(DOING))?;
+        Ok(())
+    }
+
+    async fn packs_page(&self, after: Option<Id>, limit: u32) -> Result<Vec<PackRecord>> {
+        let after = after.map(|a| a.0.to_vec()).unwrap_or_default();
+        let rows = sqlx::query(
+            "SELECT id, volume, size, blob_count, created FROM packs WHERE id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("listing packs"))?;
+        rows.iter().map(pack_from_row).collect()
+    }
+
+    async fn pack_blobs_page(
+        &self,
+        pack: Id,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<PackEntry>> {
+        let after = after.map_or(-1, |a| a as i64);
+        let rows = sqlx::query(
+            "SELECT id, kind, compression, offset, stored_len, raw_len FROM blobs \
+             WHERE pack = ? AND offset > ? ORDER BY offset LIMIT ?",
+        )
+        .bind(pack.0.to_vec())
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("listing a pack's blobs"))?;
+        rows.iter().map(entry_from_row).collect()
+    }
+
+    async fn orphan_blobs_page(&self, after: Option<Id>, limit: u32) -> Result<Vec<(Id, Id)>> {
+        let after = after.map(|a| a.0.to_vec()).unwrap_or_default();
+        let rows = sqlx::query(
+            "SELECT b.id, b.pack FROM blobs b LEFT JOIN packs p ON p.id = b.pack \
+             WHERE p.id IS NULL AND b.id > ? ORDER BY b.id LIMIT ?",
+        )
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("looking for blobs without a pack"))?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    id_col(r, "id", "blob index entry")?,
+                    id_col(r, "pack", "blob index entry")?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn tree_complete(&self, tree: Id) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM complete_trees WHERE id = ?")
+            .bind(tree.0.to_vec())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("looking up a verified tree"))?;
+        Ok(row.is_some())
+    }
+
+    async fn mark_tree_complete(&self, tree: Id) -> Result<()> {
+        sqlx::query("INSERT OR IGNORE INTO complete_trees (id) VALUES (?)")
+            .bind(tree.0.to_vec())
+            .execute(&self.pool)
+            .await
+            .map_err(q("recording a verified tree"))?;
+        Ok(())
+    }
+
+    async fn record_files(&self, files: &[Id]) -> Result<()> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        const DOING: &str = "recording whole-file ids";
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(q(DOING))?;
+        for f in files {
+            sqlx::query("INSERT OR IGNORE INTO files (id) VALUES (?)")
+                .bind(f.0.to_vec())
+                .execute(&mut *tx)
+                .await
+                .map_err(q(DOING))?;
+        }
+        tx.commit().await.map_err(q(DOING))?;
+        Ok(())
+    }
+
+    async fn insert_snapshot(&self, s: &SnapshotInfo) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO snapshots (id, device_id, root, created, reason, files, dirs, bytes, bytes_sent, \
+             new_chunks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&s.id)
+        .bind(&s.device_id)
+        .bind(s.root.0.to_vec())
+        .bind(&s.created)
+        .bind(&s.reason)
+        .bind(s.stats.files as i64)
+        .bind(s.stats.dirs as i64)
+        .bind(s.stats.bytes as i64)
+        .bind(s.stats.bytes_sent as i64)
+        .bind(s.stats.new_chunks as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(q("recording a snapshot"))?;
+        Ok(())
+    }
+
+    async fn device_snapshots(&self, device_id: &str) -> Result<Vec<SnapshotInfo>> {
+        let sql =
+            format!("SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE device_id = ? ORDER BY seq");
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(device_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing a device's snapshots"))?;
+        rows.iter().map(snapshot_from_row).collect()
+    }
+
+    async fn snapshots_page(&self, after: Option<&str>, limit: u32) -> Result<Vec<SnapshotInfo>> {
+        let sql =
+            format!("SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE id > ? ORDER BY id LIMIT ?");
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(after.unwrap_or(""))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing snapshots"))?;
+        rows.iter().map(snapshot_from_row).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(data: &[u8], offset: u64) -> PackEntry {
+        PackEntry {
+            id: Id::of(data),
+            kind: BlobKind::Chunk,
+            compression: Compression::None,
+            offset,
+            stored_len: data.len() as u32,
+            raw_len: data.len() as u32,
+        }
+    }
+
+    fn device(id: &str, fp: &[u8]) -> Device {
+        Device {
+            id: id.into(),
+            hostname: "pc-1".into(),
+            cert_fingerprint: Id::of(fp),
+            created: crate::clock::rfc3339_ms(0),
+            revoked: false,
+        }
+    }
+
+    async fn open(dir: &tempfile::TempDir) -> SqliteCatalog {
+        SqliteCatalog::open(&dir.path().join("catalog.sqlite"), true)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn tokens_are_spent_once_per_use_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = open(&dir).await;
+        let hash = Id::of(b"secret");
+        cat.create_token(hash, 2, 10_000).await.unwrap();
+        cat.enroll_device(hash, 5_000, &device("a", b"a"))
+            .await
+            .unwrap();
+        cat.enroll_device(hash, 5_000, &device("b", b"b"))
+            .await
+            .unwrap();
+        let used_up = cat.enroll_device(hash, 5_000, &device("c", b"c")).await;
+        assert!(
+            matches!(used_up, Err(CatalogError::TokenUsedUp)),
+            "{used_up:?}"
+        );
+        assert!(matches!(
+            cat.enroll_device(Id::of(b"other"), 5_000, &device("d", b"d"))
+                .await,
+            Err(CatalogError::TokenUnknown)
+        ));
+        cat.create_token(Id::of(b"old"), 5, 1_000).await.unwrap();
+        assert!(matches!(
+            cat.enroll_device(Id::of(b"old"), 5_000, &device("e", b"e"))
+                .await,
+            Err(CatalogError::TokenExpired)
+        ));
+        let found = cat
+            .device_by_fingerprint(Id::of(b"b"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(found, device("b", b"b"));
+        assert!(
+            cat.device_by_fingerprint(Id::of(b"c"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn blob_index_packs_files_and_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = open(&dir).await;
+        // Enough ids to cross a lookup batch.
+        let entries: Vec<PackEntry> = (0..1200u32)
+            .map(|i| entry(&i.to_le_bytes(), 8 + u64::from(i) * 4))
+            .collect();
+        let pack = PackRecord {
+            id: Id::of(b"pack"),
+            volume: dir.path().join("vol"),
+            size: 9999,
+            blob_count: entries.len() as u64,
+            created: crate::clock::rfc3339_ms(0),
+        };
+        cat.insert_pack(&pack, &entries).await.unwrap();
+        // Inserting again (a concurrent upload of the same blobs) is harmless.
+        cat.insert_pack(&pack, &entries[..10]).await.unwrap();
+
+        let unknown = Id::of(b"unknown");
+        let mut ask: Vec<Id> = entries.iter().map(|e| e.id).collect();
+        ask.insert(700, unknown);
+        assert_eq!(cat.missing_blobs(&ask).await.unwrap(), vec![unknown]);
+
+        let file = Id::of(b"whole file");
+        assert_eq!(
+            cat.missing_objects(&[file, entries[3].id]).await.unwrap(),
+            vec![file]
+        );
+        cat.record_files(&[file]).await.unwrap();
+        assert!(cat.missing_objects(&[file]).await.unwrap().is_empty());
+        assert_eq!(cat.missing_blobs(&[file]).await.unwrap(), vec![file]);
+
+        let located = cat
+            .locate_blobs(&[entries[1000].id, unknown])
+            .await
+            .unwrap();
+        let loc = located[0].as_ref().unwrap();
+        assert_eq!(
+            (loc.pack, &loc.volume, loc.entry),
+            (pack.id, &pack.volume, entries[1000])
+        );
+        assert!(located[1].is_none());
+
+        assert_eq!(cat.packs_page(None, 10).await.unwrap(), vec![pack.clone()]);
+        assert!(cat.packs_page(Some(pack.id), 10).await.unwrap().is_empty());
+        let mut seen = 0;
+        let mut after = None;
+        loop {
+            let page = cat.pack_blobs_page(pack.id, after, 500).await.unwrap();
+            let Some(last) = page.last() else { break };
+            after = Some(last.offset);
+            assert_eq!(page[0], entries[seen]);
+            seen += page.len();
+        }
+        assert_eq!(seen, entries.len());
+        assert!(cat.orphan_blobs_page(None, 10).await.unwrap().is_empty());
+
+        let tree = Id::of(b"tree");
+        assert!(!cat.tree_complete(tree).await.unwrap());
+        cat.mark_tree_complete(tree).await.unwrap();
+        cat.mark_tree_complete(tree).await.unwrap();
+        assert!(cat.tree_complete(tree).await.unwrap());
+
+        cat.create_token(Id::of(b"t"), 1, i64::MAX).await.unwrap();
+        cat.enroll_device(Id::of(b"t"), 0, &device("dev1", b"fp"))
+            .await
+            .unwrap();
+        let snap = |id: &str| SnapshotInfo {
+            id: id.into(),
+            device_id: "dev1".into(),
+            root: tree,
+            created: crate::clock::rfc3339_ms(1),
+            reason: "manual".into(),
+            stats: SnapshotStats {
+                files: u64::MAX,
+                dirs: 2,
+                bytes: 3,
+                bytes_sent: 4,
+                new_chunks: 5,
+            },
+        };
+        // Listing is in commit order even if ids were to sort differently.
+        cat.insert_snapshot(&snap("b")).await.unwrap();
+        cat.insert_snapshot(&snap("a")).await.unwrap();
+        let listed = cat.device_snapshots("dev1").await.unwrap();
+        assert_eq!(listed, vec![snap("b"), snap("a")]);
+        assert!(cat.device_snapshots("nobody").await.unwrap().is_empty());
+        assert_eq!(
+            cat.snapshots_page(Some("a"), 10).await.unwrap(),
+            vec![snap("b")]
+        );
+        // A snapshot of an unknown device is refused by the schema.
+        let mut stray = snap("c");
+        stray.device_id = "ghost".into();
+        assert!(cat.insert_snapshot(&stray).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_second_process_can_open_the_same_catalog() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = open(&dir).await;
+        let second = SqliteCatalog::open(&dir.path().join("catalog.sqlite"), false)
+            .await
+            .unwrap();
+        second
+            .create_token(Id::of(b"x"), 1, i64::MAX)
+            .await
+            .unwrap();
+        first
+            .enroll_device(Id::of(b"x"), 0, &device("d", b"d"))
+            .await
+            .unwrap();
+        assert!(
+            SqliteCatalog::open(&dir.path().join("absent.sqlite"), false)
+                .await
+                .is_err()
+        );
+    }
+}

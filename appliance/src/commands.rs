@@ -1,0 +1,5 @@
+//! The `morgana` subcommands, one module per verb.
+
+pub mod check;
+pub mod enroll_token;
+pub mod serve;

@@ -1,0 +1,83 @@
+//! `morgana serve`: the appliance with all roles on one box.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::api::{self, AppState};
+use crate::catalog::SqliteCatalog;
+use crate::config::{DEFAULT_DATA_DIR, DEFAULT_LISTEN, DataDir};
+use crate::store::PackStore;
+use crate::tls::{self, Pki};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Where the CA, catalog and (by default) packs live; created on first start.
+    #[arg(long, value_name = "DIR", env = "MORGANA_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Address and port to serve HTTPS on (port 0 picks a free one).
+    #[arg(long, value_name = "ADDR:PORT", env = "MORGANA_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: String,
+    /// A directory to store packs in; repeat for several (new packs go to the one with the
+    /// most free space). Default: <data-dir>/volumes/default.
+    #[arg(long = "volume", value_name = "DIR")]
+    pub volumes: Vec<PathBuf>,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let data = DataDir::new(&args.data_dir);
+    std::fs::create_dir_all(data.root())
+        .with_context(|| format!("cannot create the data directory {}", data.root().display()))?;
+    let pki = Pki::ensure(&data).with_context(|| {
+        format!(
+            "cannot set up the TLS certificates in {}",
+            data.tls_dir().display()
+        )
+    })?;
+    let catalog = SqliteCatalog::open(&data.catalog(), true).await?;
+    let volumes = if args.volumes.is_empty() {
+        vec![data.default_volume()]
+    } else {
+        args.volumes
+    };
+    let store = PackStore::open(&volumes)?;
+    let tls_config = Arc::new(pki.server_config().context("cannot configure TLS")?);
+    let listener = TcpListener::bind(&args.listen).await.with_context(|| {
+        format!("cannot listen on {}: is the port in use or the address wrong? pick another with --listen", args.listen)
+    })?;
+    let addr = listener
+        .local_addr()
+        .context("cannot learn the address listened on")?;
+    info!(data_dir = %data.root().display(), volumes = ?store.volumes(), "appliance ready");
+
+    let state = AppState::new(Arc::new(catalog), Arc::new(store), Arc::new(pki));
+    {
+        // Tests and supervisors read this one line to learn the port.
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "morgana listening on https://{addr}").context("cannot write to stdout")?;
+        out.flush().context("cannot write to stdout")?;
+    }
+    tls::serve(listener, tls_config, api::router(state), shutdown_signal()).await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; stop with Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received, stopping"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received, stopping"),
+    }
+}

@@ -1,0 +1,78 @@
+//! `morgana`: the Morgana appliance in one binary.
+
+mod api;
+mod catalog;
+mod clock;
+mod commands;
+mod config;
+mod random;
+mod snapshot;
+mod store;
+mod tls;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "morgana",
+    version,
+    about = "Morgana appliance: centralized desktop image management"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the appliance (agent API over HTTPS); creates the data directory on first start.
+    Serve(commands::serve::Args),
+    /// Print a new enrolment token for `morgana-agent enroll`.
+    EnrollToken(commands::enroll_token::Args),
+    /// Verify every stored pack and snapshot; exit 1 if anything is damaged or missing.
+    Check(commands::check::Args),
+}
+
+/// Exit status for failures (as opposed to `check` finding damage, which is 1).
+const EXIT_FAILURE: u8 = 2;
+
+fn main() -> ExitCode {
+    // ring is the only crypto provider compiled in; rustls must be told before first use.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => commands::serve::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::EnrollToken(args) => commands::enroll_token::run(args)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Check(args) => commands::check::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}

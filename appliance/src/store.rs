@@ -1,0 +1,273 @@
+//! Pack files on volumes: `<volume>/packs/<2 hex>/<pack id hex>.pack`. A pack appears whole
+//! or not at all (temp file, fsync, rename, fsync of the directory), so a crash never leaves
+//! a half pack under a real name; reads are byte ranges the catalog points at.
+
+use std::cell::RefCell;
+use std::ffi::CString;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use morgana_core::Id;
+use morgana_core::pack::{Codec, DEFAULT_ZSTD_LEVEL, PackError};
+
+use crate::catalog::BlobLocation;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PackStoreError {
+    #[error("cannot use volume {}: {source}; check that it exists and is writable", path.display())]
+    Volume {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "no volume has room for a {size}-byte pack (the emptiest has {free} bytes free): free \
+         space or add a volume with `--volume DIR`"
+    )]
+    Full { size: usize, free: u64 },
+    #[error("cannot write pack {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read pack {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("blob {id} in pack {} is damaged: {source}; run `morgana check`", path.display())]
+    Damaged {
+        id: Id,
+        path: PathBuf,
+        source: PackError,
+    },
+}
+
+pub type Result<T, E = PackStoreError> = std::result::Result<T, E>;
+
+thread_local! {
+    // zstd contexts are worth reusing; blocking-pool threads live long.
+    static CODEC: RefCell<Codec> = RefCell::new(Codec::new(DEFAULT_ZSTD_LEVEL));
+}
+
+/// Runs `f` with this thread's codec.
+pub fn with_codec<R>(f: impl FnOnce(&mut Codec) -> R) -> R {
+    CODEC.with(|c| f(&mut c.borrow_mut()))
+}
+
+/// The volumes new packs go to. Reading needs no volume list: the catalog records each
+/// pack's volume, and any server can read any volume.
+#[derive(Debug)]
+pub struct PackStore {
+    volumes: Vec<PathBuf>,
+}
+
+impl PackStore {
+    /// Creates the volumes' directories as needed and remembers their absolute paths (the
+    /// catalog stores them, so they must not depend on the working directory).
+    pub fn open(volumes: &[PathBuf]) -> Result<PackStore> {
+        let mut out = Vec::with_capacity(volumes.len());
+        for v in volumes {
+            let err = |source| PackStoreError::Volume {
+                path: v.clone(),
+                source,
+            };
+            std::fs::create_dir_all(v.join("packs")).map_err(err)?;
+            out.push(std::fs::canonicalize(v).map_err(err)?);
+        }
+        Ok(PackStore { volumes: out })
+    }
+
+    pub fn volumes(&self) -> &[PathBuf] {
+        &self.volumes
+    }
+
+    pub fn pack_path(volume: &Path, pack: Id) -> PathBuf {
+        let hex = pack.to_hex();
+        volume
+            .join("packs")
+            .join(&hex[..2])
+            .join(format!("{hex}.pack"))
+    }
+
+    /// Writes a finished pack to the volume with the most free space; returns that volume.
+    pub fn write_pack(&self, pack: Id, bytes: &[u8]) -> Result<PathBuf> {
+        let (volume, free) = self
+            .volumes
+            .iter()
+            .map(|v| (v, free_bytes(v).unwrap_or(0)))
+            .max_by_key(|(_, free)| *free)
+            .ok_or(PackStoreError::Full {
+                size: bytes.len(),
+                free: 0,
+            })?;
+        // Keep a margin so the catalog's own disk (often the same) never fills to the brim.
+        let needed = bytes.len() as u64 + 16 * 1024 * 1024;
+        if free < needed {
+            return Err(PackStoreError::Full {
+                size: bytes.len(),
+                free,
+            });
+        }
+        write_atomically(&Self::pack_path(volume, pack), bytes)?;
+        Ok(volume.clone())
+    }
+
+    /// Reads `len` stored bytes at `offset` of a pack file.
+    pub fn read_range(path: &Path, offset: u64, len: u32) -> Result<Vec<u8>> {
+        let file = std::fs::File::open(path).map_err(|source| PackStoreError::Read {
+            path: path.into(),
+            source,
+        })?;
+        read_range_from(&file, path, offset, len)
+    }
+
+    /// Reads a blob and opens it (decompress + verify against its id).
+    pub fn read_blob(loc: &BlobLocation, codec: &mut Codec) -> Result<Vec<u8>> {
+        let path = Self::pack_path(&loc.volume, loc.pack);
+        let stored = Self::read_range(&path, loc.entry.offset, loc.entry.stored_len)?;
+        codec
+            .open(
+                loc.entry.id,
+                loc.entry.compression,
+                &stored,
+                loc.entry.raw_len,
+            )
+            .map_err(|source| PackStoreError::Damaged {
+                id: loc.entry.id,
+                path,
+                source,
+            })
+    }
+}
+
+pub fn read_range_from(
+    file: &std::fs::File,
+    path: &Path,
+    offset: u64,
+    len: u32,
+) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset)
+        .map_err(|source| PackStoreError::Read {
+            path: path.into(),
+            source,
+        })?;
+    Ok(buf)
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let err = |source| PackStoreError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .ok_or_else(|| err(std::io::Error::other("pack path has no directory")))?;
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // Unique per writer: two uploads of the same pack may race here.
+    let tmp = dir.join(format!(".{name}.{}.tmp", crate::random::hex(8)));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        // The rename is durable only once the directory entry is.
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(err)
+}
+
+/// Bytes available to unprivileged writers on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` points to writable memory of the right
+    // type; statvfs fills it completely when it returns 0.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialised the struct.
+    let st = unsafe { st.assume_init() };
+    Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_packs_atomically_under_their_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PackStore::open(&[dir.path().join("v1")]).unwrap();
+        let id = Id::of(b"pack");
+        let volume = store.write_pack(id, b"pack bytes").unwrap();
+        assert_eq!(volume, store.volumes()[0]);
+        let path = PackStore::pack_path(&volume, id);
+        assert!(path.starts_with(volume.join("packs").join(&id.to_hex()[..2])));
+        assert_eq!(std::fs::read(&path).unwrap(), b"pack bytes");
+        // Writing the same pack again (a retried upload) replaces it in one step.
+        store.write_pack(id, b"pack bytes").unwrap();
+        let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+
+        assert_eq!(PackStore::read_range(&path, 5, 5).unwrap(), b"bytes");
+        assert!(matches!(
+            PackStore::read_range(&path, 8, 5),
+            Err(PackStoreError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn a_failed_write_leaves_nothing_under_the_real_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("packs");
+        // A file where a directory must go makes the write fail part-way.
+        let path = blocker.join("ab").join("x.pack");
+        std::fs::write(&blocker, b"").unwrap();
+        assert!(write_atomically(&path, b"data").is_err());
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn reads_and_verifies_blobs() {
+        use morgana_core::pack::{BlobKind, Compression, PackEntry};
+        let dir = tempfile::tempdir().unwrap();
+        let store = PackStore::open(&[dir.path().to_path_buf()]).unwrap();
+        let pack = Id::of(b"p");
+        let volume = store.write_pack(pack, b"hdr-hello").unwrap();
+        let mut loc = BlobLocation {
+            pack,
+            volume,
+            entry: PackEntry {
+                id: Id::of(b"hello"),
+                kind: BlobKind::Chunk,
+                compression: Compression::None,
+                offset: 4,
+                stored_len: 5,
+                raw_len: 5,
+            },
+        };
+        let mut codec = Codec::new(1);
+        assert_eq!(PackStore::read_blob(&loc, &mut codec).unwrap(), b"hello");
+        loc.entry.offset = 3;
+        assert!(matches!(
+            PackStore::read_blob(&loc, &mut codec),
+            Err(PackStoreError::Damaged { .. })
+        ));
+    }
+}
