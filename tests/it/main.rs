@@ -1,1 +1,16 @@
+//! End-to-end tests: real `morgana serve` and `morgana-agent` processes over TLS on
+//! loopback. One test binary for the whole suite keeps link time down.
 
+mod damage;
+mod dedup;
+mod fidelity;
+mod protocol;
+mod resume;
+
+/// rustls needs one process-wide crypto provider before any TLS use in a test helper.
+pub fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        morgana_e2e::bin_dir();
+    });
+}
