@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: Morgana (appliance + agent on this box, TLS over loopback) beside
+# restic, borg and rsync on the same generated endpoint trees, in the same run.
+#
+#   bench/e2e.sh [WORKDIR]        (default bench/out; SCALE=1 gives ~50k entries per endpoint)
+#
+# Installs restic, borgbackup and rsync from Debian when they are missing
+# (MORGANA_BENCH_INSTALL=0 to skip); a tool that is absent is left out of the table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+WORK=${1:-$REPO/bench/out}
+SCALE=${SCALE:-1}
+ENDPOINTS=${ENDPOINTS:-5}
+
+if [[ ${MORGANA_BENCH_INSTALL:-1} == 1 ]] && command -v apt-get >/dev/null; then
+    missing=()
+    for t in restic:restic borg:borgbackup rsync:rsync; do
+        command -v "${t%%:*}" >/dev/null || missing+=("${t#*:}")
+    done
+    if ((${#missing[@]})); then
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+fi
+
+cargo build --release -q -p morgana -p morgana-agent
+BIN=$REPO/target/release
+
+rm -rf "$WORK"; mkdir -p "$WORK"
+echo "generating $ENDPOINTS endpoint trees (scale $SCALE) in $WORK ..." >&2
+python3 bench/gen.py base "$WORK/base" "$SCALE"
+for i in $(seq 0 $((ENDPOINTS - 1))); do
+    cp -a "$WORK/base" "$WORK/ep$i"
+    python3 bench/gen.py user "$WORK/ep$i" "$i" "$SCALE"
+done
+cp -a "$WORK/ep0" "$WORK/ep0-changed"
+python3 bench/gen.py change "$WORK/ep0-changed"
+LOGICAL=$(du -sb --apparent-size "$WORK/ep0" | cut -f1)
+ENTRIES=$(find "$WORK/ep0" | wc -l)
+
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
+# seconds CMD...: runs CMD, prints elapsed seconds on stdout; CMD's stdout goes to $WORK/last.out
+seconds() {
+    local t0 t1
+    t0=$(date +%s.%N)
+    "$@" > "$WORK/last.out" 2> "$WORK/last.err" || { cat "$WORK/last.err" >&2; return 1; }
+    t1=$(date +%s.%N)
+    echo "$t1 - $t0" | bc -l
+}
+# peak_rss CMD...: runs CMD, prints the peak RSS of CMD in KiB
+peak_rss() {
+    python3 -c 'import resource,subprocess,sys
+r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) if r.returncode == 0 else sys.exit(r.returncode)' "$@"
+}
+mib_s() { echo "scale=1; $1 / 1048576 / $2" | bc -l; }
+swap_in_changed() { rm -rf "$WORK/ep0-work"; cp -a "$WORK/ep0" "$WORK/ep0-work"; }
+
+declare -A R
+# ---------------------------------------------------------------- Morgana
+M=$WORK/morgana; mkdir -p "$M"
+"$BIN/morgana" serve --data-dir "$M/data" --listen 127.0.0.1:0 > "$M/serve.out" 2> "$M/serve.err" &
+SERVE=$!
+trap 'kill $SERVE 2>/dev/null || true' EXIT
+for _ in $(seq 100); do grep -q listening "$M/serve.out" 2>/dev/null && break; sleep 0.1; done
+URL=$(sed -n 's/^morgana listening on //p' "$M/serve.out")
+agent() { "$BIN/morgana-agent" "$@"; }
+swap_in_changed
+for i in $(seq 0 $((ENDPOINTS - 1))); do
+    root=$WORK/ep$i; [[ $i == 0 ]] && root=$WORK/ep0-work
+    agent enroll --server "$URL" --token "$("$BIN/morgana" enroll-token --data-dir "$M/data")" \
+        --root "$root" --state-dir "$M/state$i" > /dev/null
+done
+drop_caches
+R[m_init]=$(seconds agent sync --json --state-dir "$M/state0")
+R[m_init_json]=$(cat "$WORK/last.out")
+R[m_nochange]=$(seconds agent sync --json --state-dir "$M/state0")
+rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
+R[m_change_sent]=$(agent sync --json --state-dir "$M/state0" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_sent"])')
+rm -rf "$M/restore"; drop_caches
+R[m_restore]=$(seconds agent restore --snapshot latest --to "$M/restore" --state-dir "$M/state0")
+RSS=$(peak_rss "$BIN/morgana-agent" sync --state-dir "$M/state1")
+for i in $(seq 2 $((ENDPOINTS - 1))); do
+    r=$(peak_rss "$BIN/morgana-agent" sync --state-dir "$M/state$i"); ((r > RSS)) && RSS=$r
+done
+R[m_rss]=$RSS
+R[m_volume]=$(du -sb "$M/data/volumes" | cut -f1)
+R[m_catalog]=$(du -cb "$M/data"/catalog.sqlite* | tail -1 | cut -f1)
+kill $SERVE; wait $SERVE 2>/dev/null || true
+
+# ---------------------------------------------------------------- restic
+if command -v restic >/dev/null; then
+    export RESTIC_PASSWORD=bench RESTIC_REPOSITORY=$WORK/restic-repo
+    restic init -q
+    swap_in_changed; drop_caches
+    R[r_init]=$(seconds restic backup -q --host ep0 "$WORK/ep0-work")
+    R[r_nochange]=$(seconds restic backup -q --host ep0 "$WORK/ep0-work")
+    rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
+    R[r_change_sent]=$(restic backup --json --host ep0 "$WORK/ep0-work" | python3 -c 'import json,sys
+for l in sys.stdin:
+    d = json.loads(l)
+    if d.get("message_type") == "summary": print(d["data_added"])')
+    rm -rf "$WORK/restic-restore"; drop_caches
+    R[r_restore]=$(seconds restic restore -q latest --host ep0 --target "$WORK/restic-restore")
+    for i in $(seq 1 $((ENDPOINTS - 1))); do restic backup -q --host "ep$i" "$WORK/ep$i" >/dev/null; done
+    R[r_volume]=$(du -sb "$WORK/restic-repo" | cut -f1)
+fi
+
+# ---------------------------------------------------------------- borg
+if command -v borg >/dev/null; then
+    export BORG_REPO=$WORK/borg-repo BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
+    borg init -e none "$BORG_REPO"
+    swap_in_changed; drop_caches
+    R[b_init]=$(seconds borg create --compression lz4 ::ep0-1 "$WORK/ep0-work")
+    R[b_nochange]=$(seconds borg create --compression lz4 ::ep0-2 "$WORK/ep0-work")
+    rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
+    R[b_change_sent]=$(borg create --compression lz4 --json ::ep0-3 "$WORK/ep0-work" | python3 -c 'import json,sys; print(json.load(sys.stdin)["archive"]["stats"]["compressed_size"])' 2>/dev/null || echo 0)
+    rm -rf "$WORK/borg-restore"; mkdir -p "$WORK/borg-restore"; drop_caches
+    R[b_restore]=$(cd "$WORK/borg-restore" && seconds borg extract ::ep0-1)
+    for i in $(seq 1 $((ENDPOINTS - 1))); do borg create --compression lz4 "::ep$i" "$WORK/ep$i"; done
+    R[b_volume]=$(du -sb "$BORG_REPO" | cut -f1)
+fi
+
+# ---------------------------------------------------------------- rsync
+if command -v rsync >/dev/null; then
+    swap_in_changed; rm -rf "$WORK/rsync-mirror"; drop_caches
+    R[s_init]=$(seconds rsync -a "$WORK/ep0-work/" "$WORK/rsync-mirror/")
+    R[s_nochange]=$(seconds rsync -a --stats "$WORK/ep0-work/" "$WORK/rsync-mirror/")
+    rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
+    R[s_change_sent]=$(rsync -a --delete --stats "$WORK/ep0-work/" "$WORK/rsync-mirror/" | sed -n 's/^Total bytes sent: //p' | tr -d ,)
+    rm -rf "$WORK/rsync-restore"; drop_caches
+    R[s_restore]=$(seconds rsync -a "$WORK/rsync-mirror/" "$WORK/rsync-restore/")
+fi
+
+# ---------------------------------------------------------------- table
+v() { echo "${R[$1]:-}"; }
+ratio() { [[ -n $1 && -n $2 ]] && echo "scale=2; $1 / $2" | bc -l || echo "-"; }
+m_speed=$(mib_s "$LOGICAL" "$(v m_init)")
+m_rspeed=$(mib_s "$LOGICAL" "$(v m_restore)")
+speed() { [[ -n $(v "$1") ]] && mib_s "$LOGICAL" "$(v "$1")" || echo; }
+r_speed=$(speed r_init); b_speed=$(speed b_init); s_speed=$(speed s_init)
+r_rspeed=$(speed r_restore); b_rspeed=$(speed b_restore); s_rspeed=$(speed s_restore)
+echo
+echo "endpoint: $ENTRIES entries, $((LOGICAL / 1048576)) MiB; $ENDPOINTS endpoints sharing a base; 1 % of files changed"
+printf '%-30s %12s %12s %12s %12s   %s\n' "measure" "morgana" "restic" "borg" "rsync" "morgana ÷ restic / borg / rsync"
+row() { printf '%-30s %12s %12s %12s %12s   %s / %s / %s\n' "$1" "$2" "$3" "$4" "$5" "$(ratio "$2" "$3")" "$(ratio "$2" "$4")" "$(ratio "$2" "$5")"; }
+row "initial sync MiB/s" "$m_speed" "$r_speed" "$b_speed" "$s_speed"
+row "no-change re-sync s" "$(v m_nochange)" "$(v r_nochange)" "$(v b_nochange)" "$(v s_nochange)"
+row "bytes sent after 1 % change" "$(v m_change_sent)" "$(v r_change_sent)" "$(v b_change_sent)" "$(v s_change_sent)"
+row "restore MiB/s" "$m_rspeed" "$r_rspeed" "$b_rspeed" "$s_rspeed"
+row "volume bytes, $ENDPOINTS endpoints" "$(v m_volume)" "$(v r_volume)" "$(v b_volume)" ""
+printf '%-30s %12s\n' "morgana catalog bytes" "$(v m_catalog)"
+printf '%-30s %12s\n' "agent peak RSS MiB" "$(( $(v m_rss) / 1024 ))"
