@@ -189,16 +189,32 @@ impl FromRequestParts<AppState> for AuthDevice {
     }
 }
 
+fn too_large(what: &str, limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the {what} is larger than the {limit}-byte limit; send it in smaller parts"),
+    )
+}
+
+/// Refuses a body whose declared length is over `limit` before reading any of it.
+fn check_declared_length(req: &Request, limit: usize, what: &str) -> Result<(), ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit as u64 => Err(too_large(what, limit)),
+        _ => Ok(()),
+    }
+}
+
 /// Reads a request body of at most `limit` bytes.
-async fn read_body(body: Body, limit: usize, what: &str) -> Result<Vec<u8>, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the {what} is larger than the {limit}-byte limit; send it in smaller parts"),
-        )
-    };
+async fn read_body(req: Request, limit: usize, what: &str) -> Result<Vec<u8>, ApiError> {
+    check_declared_length(&req, limit, what)?;
+    let too_large = || too_large(what, limit);
     let mut out = Vec::new();
-    let mut stream = body.into_data_stream();
+    let mut stream = req.into_body().into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
             ApiError::new(
@@ -214,7 +230,10 @@ async fn read_body(body: Body, limit: usize, what: &str) -> Result<Vec<u8>, ApiE
     Ok(out)
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(body: Body, what: &str) -> Result<T, ApiError> {
+async fn read_json<T: serde::de::DeserializeOwned>(
+    body: Request,
+    what: &str,
+) -> Result<T, ApiError> {
     let bytes = read_body(body, MAX_JSON_BYTES, what).await?;
     serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::new(
@@ -226,7 +245,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(body: Body, what: &str) -> Re
 
 /// An id list body: concatenated 32-byte ids, at most `MAX_IDS_PER_REQUEST`, deduplicated
 /// keeping first occurrences.
-async fn read_ids(body: Body) -> Result<Vec<Id>, ApiError> {
+async fn read_ids(body: Request) -> Result<Vec<Id>, ApiError> {
     let bytes = read_body(body, MAX_ID_LIST_BYTES, "id list").await?;
     let ids = Id::parse_list(&bytes).ok_or_else(|| {
         ApiError::new(
@@ -248,7 +267,7 @@ fn octets(bytes: Vec<u8>) -> Response {
 
 async fn enroll(
     State(state): State<AppState>,
-    body: Body,
+    body: Request,
 ) -> Result<axum::Json<EnrollResponse>, ApiError> {
     let req: EnrollRequest = read_json(body, "enrolment request").await?;
     let forbidden = |msg: String| ApiError::new(StatusCode::FORBIDDEN, msg);
@@ -318,7 +337,7 @@ async fn enroll(
 async fn missing(
     State(state): State<AppState>,
     _device: AuthDevice,
-    body: Body,
+    body: Request,
 ) -> Result<Response, ApiError> {
     let ids = read_ids(body).await?;
     let absent = state.0.catalog.missing_objects(&ids).await?;
@@ -353,8 +372,9 @@ fn validate_pack(bytes: &[u8]) -> Result<Vec<PackEntry>, ApiError> {
 async fn upload_pack(
     State(state): State<AppState>,
     AuthDevice(device): AuthDevice,
-    body: Body,
+    body: Request,
 ) -> Result<axum::Json<PackAccepted>, ApiError> {
+    check_declared_length(&body, pack::MAX_PACK_BYTES, "pack")?;
     // Taken before reading the body: the permit is what bounds the memory packs occupy.
     let _permit = state
         .0
@@ -438,7 +458,7 @@ async fn upload_pack(
 async fn commit_snapshot(
     State(state): State<AppState>,
     AuthDevice(device): AuthDevice,
-    body: Body,
+    body: Request,
 ) -> Result<axum::Json<SnapshotInfo>, ApiError> {
     let req: CommitRequest = read_json(body, "snapshot commit request").await?;
     if req.reason.len() > MAX_REASON || req.reason.chars().any(char::is_control) {
@@ -506,7 +526,7 @@ async fn list_snapshots(
 async fn fetch_blobs(
     State(state): State<AppState>,
     _device: AuthDevice,
-    body: Body,
+    body: Request,
 ) -> Result<Response, ApiError> {
     let ids = read_ids(body).await?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(FETCH_QUEUE);
@@ -598,6 +618,8 @@ fn send_frames(
 mod tests {
     use super::*;
     use morgana_core::pack::{Codec, Compression};
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
 
     fn pack_of(blobs: &[(BlobKind, &[u8])]) -> Vec<u8> {
         let mut codec = Codec::new(3);
@@ -643,5 +665,282 @@ mod tests {
             validate_pack(&good).unwrap_err().status,
             StatusCode::UNPROCESSABLE_ENTITY
         );
+    }
+
+    use crate::catalog::SqliteCatalog;
+    use crate::config::DataDir;
+    use morgana_core::id::FileIdHasher;
+    use morgana_core::tree::{Content, Entry, Kind};
+    use tower::ServiceExt;
+
+    struct Harness {
+        _dir: tempfile::TempDir,
+        data: DataDir,
+        app: Router,
+        catalog: Arc<dyn Catalog>,
+    }
+
+    async fn harness() -> Harness {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path());
+        let pki = Arc::new(Pki::ensure(&data).unwrap());
+        let catalog: Arc<dyn Catalog> =
+            Arc::new(SqliteCatalog::open(&data.catalog(), true).await.unwrap());
+        let store = Arc::new(PackStore::open(&[data.default_volume()]).unwrap());
+        let app = router(AppState::new(catalog.clone(), store, pki));
+        Harness {
+            _dir: dir,
+            data,
+            app,
+            catalog,
+        }
+    }
+
+    impl Harness {
+        async fn call(
+            &self,
+            method: &str,
+            path: &str,
+            cert: Option<&[u8]>,
+            body: Vec<u8>,
+        ) -> (StatusCode, Vec<u8>) {
+            let mut req = axum::http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header(wire::PROTOCOL_HEADER, "1")
+                .body(Body::from(body))
+                .unwrap();
+            req.extensions_mut()
+                .insert(PeerCertificate(cert.map(Arc::from)));
+            let resp = self.app.clone().oneshot(req).await.unwrap();
+            let status = resp.status();
+            let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            (status, bytes.to_vec())
+        }
+    }
+
+    fn file_entry(name: &str, content: Content, size: u64) -> Entry {
+        Entry {
+            name: name.as_bytes().to_vec(),
+            kind: Some(Kind::File),
+            mode: 0o644,
+            size,
+            content,
+            ..Default::default()
+        }
+    }
+
+    fn frames(mut body: &[u8]) -> Vec<(BlobFrame, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !body.is_empty() {
+            let header: &[u8; BlobFrame::HEADER_LEN] =
+                body[..BlobFrame::HEADER_LEN].try_into().unwrap();
+            let frame = BlobFrame::parse_header(header).unwrap();
+            let end = BlobFrame::HEADER_LEN + frame.stored_len as usize;
+            out.push((frame, body[BlobFrame::HEADER_LEN..end].to_vec()));
+            body = &body[end..];
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn enrol_upload_commit_list_fetch_and_check() {
+        let h = harness().await;
+
+        // Enrolment.
+        let token = EnrollToken {
+            secret: crate::random::hex(16),
+            ca_pin: EnrollToken::pin_of(&crate::tls::load_ca_cert(&h.data).unwrap()),
+        };
+        h.catalog
+            .create_token(token.secret_hash(), 1, i64::MAX)
+            .await
+            .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let req = EnrollRequest {
+            token: token.to_string(),
+            hostname: "pc-1".into(),
+            csr_pem: csr,
+        };
+        let body = serde_json::to_vec(&req).unwrap();
+        let (status, resp) = h.call("POST", wire::PATH_ENROLL, None, body.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp));
+        let enrolled: EnrollResponse = serde_json::from_slice(&resp).unwrap();
+        assert_eq!(enrolled.device_id.len(), 16);
+        let (status, _) = h.call("POST", wire::PATH_ENROLL, None, body).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "a one-use token works once");
+        let cert = CertificateDer::from_pem_slice(enrolled.client_cert_pem.as_bytes()).unwrap();
+        let cert = Some(cert.as_ref());
+
+        // Authentication.
+        let (status, _) = h.call("GET", wire::PATH_SNAPSHOTS, None, vec![]).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = h
+            .call("GET", wire::PATH_SNAPSHOTS, Some(b"stranger"), vec![])
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+
+        // A snapshot: root { a: 2-chunk file, sub/ { b: inline } }.
+        let (c1, c2) = (vec![1u8; 3000], b"second chunk".to_vec());
+        let chunk_ids = vec![Id::of(&c1), Id::of(&c2)];
+        let file = FileIdHasher::of(&chunk_ids);
+        let sub = Tree {
+            entries: vec![file_entry("b", Content::Inline(b"hi".to_vec()), 2)],
+        };
+        let (sub_id, sub_bytes) = sub.seal();
+        let root = Tree {
+            entries: vec![
+                file_entry(
+                    "a",
+                    Content::Chunks {
+                        file,
+                        chunks: chunk_ids.clone(),
+                    },
+                    3012,
+                ),
+                Entry {
+                    name: b"sub".to_vec(),
+                    kind: Some(Kind::Dir),
+                    mode: 0o755,
+                    content: Content::Tree(sub_id),
+                    ..Default::default()
+                },
+            ],
+        };
+        let (root_id, root_bytes) = root.seal();
+        let all = [chunk_ids[0], chunk_ids[1], sub_id, root_id, file];
+
+        let (status, resp) = h
+            .call("POST", wire::PATH_MISSING, cert, Id::concat(&all))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(Id::parse_list(&resp).unwrap(), all);
+
+        let commit = serde_json::to_vec(&CommitRequest {
+            root: root_id,
+            stats: Default::default(),
+            reason: "manual".into(),
+        })
+        .unwrap();
+        let (status, resp) = h
+            .call("POST", wire::PATH_SNAPSHOTS, cert, commit.clone())
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        let refused: CommitRefused = serde_json::from_slice(&resp).unwrap();
+        assert_eq!(refused.missing, vec![root_id]);
+
+        // Upload the trees first: the commit must then name exactly the absent chunks.
+        let trees = pack_of(&[(BlobKind::Tree, &sub_bytes), (BlobKind::Tree, &root_bytes)]);
+        let (status, resp) = h.call("POST", wire::PATH_PACKS, cert, trees).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp));
+        let (status, resp) = h
+            .call("POST", wire::PATH_SNAPSHOTS, cert, commit.clone())
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        let refused: CommitRefused = serde_json::from_slice(&resp).unwrap();
+        assert_eq!(refused.missing, chunk_ids);
+
+        // A pack mixing a known tree and the chunks: only the new blobs are stored.
+        let mixed = pack_of(&[
+            (BlobKind::Chunk, &c1),
+            (BlobKind::Tree, &sub_bytes),
+            (BlobKind::Chunk, &c2),
+        ]);
+        let (status, resp) = h.call("POST", wire::PATH_PACKS, cert, mixed.clone()).await;
+        assert_eq!(status, StatusCode::OK);
+        let accepted: PackAccepted = serde_json::from_slice(&resp).unwrap();
+        assert_eq!((accepted.new_blobs, accepted.duplicate_blobs), (2, 1));
+        assert!(accepted.pack.is_some());
+        let (_, resp) = h.call("POST", wire::PATH_PACKS, cert, mixed).await;
+        let again: PackAccepted = serde_json::from_slice(&resp).unwrap();
+        assert_eq!(
+            (again.pack, again.new_blobs, again.duplicate_blobs),
+            (None, 0, 3)
+        );
+
+        let (_, resp) = h
+            .call("POST", wire::PATH_MISSING, cert, Id::concat(&all))
+            .await;
+        assert_eq!(Id::parse_list(&resp).unwrap(), vec![file]);
+
+        let (status, resp) = h.call("POST", wire::PATH_SNAPSHOTS, cert, commit).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp));
+        let info: SnapshotInfo = serde_json::from_slice(&resp).unwrap();
+        assert_eq!((info.root, &info.device_id), (root_id, &enrolled.device_id));
+        // The whole file is now known by its one id.
+        let (_, resp) = h
+            .call("POST", wire::PATH_MISSING, cert, Id::concat(&all))
+            .await;
+        assert!(resp.is_empty());
+
+        let (_, resp) = h.call("GET", wire::PATH_SNAPSHOTS, cert, vec![]).await;
+        let listed: Vec<SnapshotInfo> = serde_json::from_slice(&resp).unwrap();
+        assert_eq!(listed, vec![info]);
+
+        // Fetch: request order, unknown ids as missing frames, bytes as stored.
+        let unknown = Id::of(b"nowhere");
+        let (status, resp) = h
+            .call(
+                "POST",
+                wire::PATH_BLOBS,
+                cert,
+                Id::concat(&[chunk_ids[1], unknown, root_id]),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let got = frames(&resp);
+        assert_eq!(got.len(), 3);
+        assert_eq!((got[1].0.id, got[1].0.kind), (unknown, None));
+        let mut codec = Codec::new(1);
+        for ((frame, stored), raw) in [&got[0], &got[2]].into_iter().zip([&c2, &root_bytes]) {
+            let opened = codec
+                .open(frame.id, frame.compression, stored, frame.raw_len)
+                .unwrap();
+            assert_eq!(&opened, raw);
+        }
+
+        // Bad input changes nothing.
+        let mut forged = PackBuilder::default();
+        forged.add_stored(
+            Id::of(b"popular"),
+            BlobKind::Chunk,
+            Compression::None,
+            b"evil",
+            4,
+        );
+        let (status, _) = h
+            .call("POST", wire::PATH_PACKS, cert, forged.finish().bytes)
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        let (_, resp) = h
+            .call(
+                "POST",
+                wire::PATH_MISSING,
+                cert,
+                Id::of(b"popular").0.to_vec(),
+            )
+            .await;
+        assert_eq!(resp.len(), 32);
+
+        // check: clean, then a flipped byte inside a chunk is found.
+        assert_eq!(crate::commands::check::check(&h.data).await.unwrap(), 0);
+        let loc = h.catalog.locate_blobs(&[chunk_ids[0]]).await.unwrap()[0]
+            .clone()
+            .unwrap();
+        let path = PackStore::pack_path(&loc.volume, loc.pack);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[loc.entry.offset as usize + 2] ^= 0x20;
+        std::fs::write(&path, bytes).unwrap();
+        // Pack checksum, the damaged chunk, and the snapshot that needs it.
+        assert_eq!(crate::commands::check::check(&h.data).await.unwrap(), 3);
     }
 }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use async_trait::async_trait;
 use morgana_core::Id;
-use morgana_core::pack::{BlobKind, Compression, PackEntry};
+use morgana_core::pack::PackEntry;
 use morgana_core::wire::SnapshotInfo;
 
 pub use sqlite::SqliteCatalog;
@@ -82,15 +82,6 @@ pub struct BlobLocation {
     pub entry: PackEntry,
 }
 
-impl BlobLocation {
-    pub fn kind(&self) -> BlobKind {
-        self.entry.kind
-    }
-    pub fn compression(&self) -> Compression {
-        self.entry.compression
-    }
-}
-
 #[async_trait]
 pub trait Catalog: Send + Sync {
     /// Stores a new enrolment token by the hash of its secret.
@@ -133,6 +124,9 @@ pub trait Catalog: Send + Sync {
     /// Whether a tree's whole closure was verified present before.
     async fn tree_complete(&self, tree: Id) -> Result<bool>;
 
+    /// The trees, in the order given, not recorded as complete.
+    async fn incomplete_trees(&self, trees: &[Id]) -> Result<Vec<Id>>;
+
     async fn mark_tree_complete(&self, tree: Id) -> Result<()>;
 
     /// Records whole-file ids whose chunks are all indexed.
@@ -145,4 +139,7 @@ pub trait Catalog: Send + Sync {
 
     /// All snapshots ordered by id, after `after`.
     async fn snapshots_page(&self, after: Option<&str>, limit: u32) -> Result<Vec<SnapshotInfo>>;
+
+    /// Finishes outstanding work and closes connections; call before the process exits.
+    async fn close(&self);
 }

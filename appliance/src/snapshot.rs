@@ -54,6 +54,8 @@ pub async fn verify_closure(catalog: &Arc<dyn Catalog>, root: Id) -> Result<Clos
     // Trees found incomplete in this walk: a directory shared many times over must not be
     // walked again each time (a hostile DAG would make that exponential).
     let mut failed: HashSet<Id> = HashSet::new();
+    // Trees verified in this walk (their parents' frames were filtered before they were).
+    let mut verified: HashSet<Id> = HashSet::new();
     let Some(first) = load(catalog, root, &mut missing).await? else {
         return Ok(Closure::Missing(vec![root]));
     };
@@ -65,7 +67,7 @@ pub async fn verify_closure(catalog: &Arc<dyn Catalog>, root: Id) -> Result<Clos
                 top.ok = false;
                 continue;
             }
-            if catalog.tree_complete(child).await? {
+            if verified.contains(&child) {
                 continue;
             }
             match load(catalog, child, &mut missing).await? {
@@ -81,6 +83,7 @@ pub async fn verify_closure(catalog: &Arc<dyn Catalog>, root: Id) -> Result<Clos
             let Some(done) = stack.pop() else { break };
             if done.ok {
                 catalog.mark_tree_complete(done.tree).await?;
+                verified.insert(done.tree);
             } else {
                 failed.insert(done.tree);
                 if let Some(parent) = stack.last_mut() {
@@ -130,6 +133,7 @@ async fn load(
             _ => {}
         }
     }
+    let mut subtrees = catalog.incomplete_trees(&subtrees).await?;
     let absent = catalog.missing_blobs(&chunks).await?;
     for c in &absent {
         note_missing(missing, *c);

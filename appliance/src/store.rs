@@ -40,7 +40,7 @@ pub enum PackStoreError {
     Damaged {
         id: Id,
         path: PathBuf,
-        source: PackError,
+        source: Box<PackError>,
     },
 }
 
@@ -137,7 +137,7 @@ impl PackStore {
             .map_err(|source| PackStoreError::Damaged {
                 id: loc.entry.id,
                 path,
-                source,
+                source: Box::new(source),
             })
     }
 }
@@ -199,7 +199,10 @@ fn free_bytes(path: &Path) -> Option<u64> {
     }
     // SAFETY: statvfs returned 0, so it initialised the struct.
     let st = unsafe { st.assume_init() };
-    Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+    // The field types differ between platforms; on Linux both are already u64.
+    #[allow(clippy::useless_conversion)]
+    let free = u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize));
+    Some(free)
 }
 
 #[cfg(test)]

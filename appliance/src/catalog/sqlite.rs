@@ -419,6 +419,11 @@ impl Catalog for SqliteCatalog {
         Ok(row.is_some())
     }
 
+    async fn incomplete_trees(&self, trees: &[Id]) -> Result<Vec<Id>> {
+        self.missing_in(&["complete_trees"], trees, "looking up verified trees")
+            .await
+    }
+
     async fn mark_tree_complete(&self, tree: Id) -> Result<()> {
         sqlx::query("INSERT OR IGNORE INTO complete_trees (id) VALUES (?)")
             .bind(tree.0.to_vec())
@@ -479,6 +484,10 @@ impl Catalog for SqliteCatalog {
             .await
             .map_err(q("listing a device's snapshots"))?;
         rows.iter().map(snapshot_from_row).collect()
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
     }
 
     async fn snapshots_page(&self, after: Option<&str>, limit: u32) -> Result<Vec<SnapshotInfo>> {
@@ -630,6 +639,11 @@ mod tests {
         cat.mark_tree_complete(tree).await.unwrap();
         cat.mark_tree_complete(tree).await.unwrap();
         assert!(cat.tree_complete(tree).await.unwrap());
+        let other = Id::of(b"other tree");
+        assert_eq!(
+            cat.incomplete_trees(&[tree, other]).await.unwrap(),
+            vec![other]
+        );
 
         cat.create_token(Id::of(b"t"), 1, i64::MAX).await.unwrap();
         cat.enroll_device(Id::of(b"t"), 0, &device("dev1", b"fp"))

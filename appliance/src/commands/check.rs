@@ -65,6 +65,17 @@ impl Report {
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let data = DataDir::new(&args.data_dir);
+    let problems = check(&data).await?;
+    Ok(if problems == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Checks everything, printing one line per problem and a summary; returns the number of
+/// problems.
+pub async fn check(data: &DataDir) -> anyhow::Result<u64> {
     data.require_initialised()?;
     let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::open(&data.catalog(), false).await?);
     let mut report = Report::default();
@@ -122,12 +133,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             n => format!("{n} problems found"),
         }
     );
-    println!("{summary}");
-    Ok(if report.problems == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Report::print(&summary);
+    Ok(report.problems)
 }
 
 async fn check_pack(
@@ -389,7 +396,12 @@ async fn load_tree(
             format!("chunk {c} (in tree {id}) is not in the blob index"),
         );
     }
-    for c in chunks.iter().filter(|c| report.damaged.contains(c)) {
+    let damaged: Vec<Id> = chunks
+        .iter()
+        .filter(|c| report.damaged.contains(c))
+        .copied()
+        .collect();
+    for c in damaged {
         ok = false;
         say(
             report,

@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::api::{self, AppState};
-use crate::catalog::SqliteCatalog;
+use crate::catalog::{Catalog, SqliteCatalog};
 use crate::config::{DEFAULT_DATA_DIR, DEFAULT_LISTEN, DataDir};
 use crate::store::PackStore;
 use crate::tls::{self, Pki};
@@ -54,7 +54,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .context("cannot learn the address listened on")?;
     info!(data_dir = %data.root().display(), volumes = ?store.volumes(), "appliance ready");
 
-    let state = AppState::new(Arc::new(catalog), Arc::new(store), Arc::new(pki));
+    let catalog: Arc<dyn Catalog> = Arc::new(catalog);
+    let state = AppState::new(catalog.clone(), Arc::new(store), Arc::new(pki));
     {
         // Tests and supervisors read this one line to learn the port.
         let mut out = std::io::stdout().lock();
@@ -62,6 +63,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         out.flush().context("cannot write to stdout")?;
     }
     tls::serve(listener, tls_config, api::router(state), shutdown_signal()).await;
+    catalog.close().await;
     info!("stopped");
     Ok(())
 }
