@@ -19,16 +19,30 @@ pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/test");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps/test");
         let target = profile_dir.parent().expect("target dir");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "morgana", "-p", "morgana-agent", "--target-dir"]).arg(target);
+        cmd.args([
+            "build",
+            "-p",
+            "morgana",
+            "-p",
+            "morgana-agent",
+            "--target-dir",
+        ])
+        .arg(target);
         if profile_dir.file_name() == Some(OsStr::new("release")) {
             cmd.arg("--release");
         }
         let status = cmd.status().expect("run cargo build for the binaries");
-        assert!(status.success(), "building morgana and morgana-agent failed");
+        assert!(
+            status.success(),
+            "building morgana and morgana-agent failed"
+        );
         profile_dir.to_path_buf()
     })
 }
@@ -94,16 +108,30 @@ impl Appliance {
                 bail!("morgana serve did not print its listening line within 60 s");
             }
         };
-        Ok(Appliance { data_dir: data_dir.to_path_buf(), url, child })
+        Ok(Appliance {
+            data_dir: data_dir.to_path_buf(),
+            url,
+            child,
+        })
     }
 
     pub fn token(&self) -> Result<String> {
-        let out = run_ok(morgana().arg("enroll-token").arg("--data-dir").arg(&self.data_dir))?;
+        let out = run_ok(
+            morgana()
+                .arg("enroll-token")
+                .arg("--data-dir")
+                .arg(&self.data_dir),
+        )?;
         Ok(String::from_utf8(out.stdout)?.trim().to_string())
     }
 
     pub fn check(&self) -> Output {
-        morgana().arg("check").arg("--data-dir").arg(&self.data_dir).output().expect("spawn morgana check")
+        morgana()
+            .arg("check")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .output()
+            .expect("spawn morgana check")
     }
 
     /// Bytes of all pack files on the default volume.
@@ -129,16 +157,28 @@ impl Appliance {
     /// `curl` with this device's credential: the tests' independent HTTPS client.
     pub fn curl(&self, agent: &Agent, path: &str, body: Option<&Path>) -> Result<(u16, String)> {
         let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "-o", "-", "-w", "\n%{http_code}", "-H", "x-morgana-protocol: 1"])
-            .arg("--cacert")
-            .arg(agent.state_dir.join("ca.crt"))
-            .arg("--cert")
-            .arg(agent.state_dir.join("client.crt"))
-            .arg("--key")
-            .arg(agent.state_dir.join("client.key"));
+        cmd.args([
+            "-sS",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "x-morgana-protocol: 1",
+        ])
+        .arg("--cacert")
+        .arg(agent.state_dir.join("ca.crt"))
+        .arg("--cert")
+        .arg(agent.state_dir.join("client.crt"))
+        .arg("--key")
+        .arg(agent.state_dir.join("client.key"));
         if let Some(b) = body {
             let json = b.extension() == Some(OsStr::new("json"));
-            let ct = if json { "application/json" } else { "application/octet-stream" };
+            let ct = if json {
+                "application/json"
+            } else {
+                "application/octet-stream"
+            };
             cmd.args(["-H", &format!("content-type: {ct}")]);
             cmd.arg("--data-binary").arg(format!("@{}", b.display()));
         }
@@ -175,7 +215,10 @@ impl Agent {
                 .arg("--state-dir")
                 .arg(state_dir),
         )?;
-        Ok(Agent { state_dir: state_dir.to_path_buf(), root: root.to_path_buf() })
+        Ok(Agent {
+            state_dir: state_dir.to_path_buf(),
+            root: root.to_path_buf(),
+        })
     }
 
     pub fn cmd(&self, sub: &str) -> Command {
@@ -188,11 +231,20 @@ impl Agent {
     pub fn sync(&self) -> Result<serde_json::Value> {
         let out = run_ok(self.cmd("sync").arg("--json"))?;
         serde_json::from_slice(&out.stdout).with_context(|| {
-            format!("sync --json printed: {}", String::from_utf8_lossy(&out.stdout))
+            format!(
+                "sync --json printed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
         })
     }
 
-    pub fn restore(&self, snapshot: &str, to: &Path, path: Option<&str>, overwrite: bool) -> Output {
+    pub fn restore(
+        &self,
+        snapshot: &str,
+        to: &Path,
+        path: Option<&str>,
+        overwrite: bool,
+    ) -> Output {
         let mut c = self.cmd("restore");
         c.args(["--snapshot", snapshot]).arg("--to").arg(to);
         if let Some(p) = path {
@@ -235,12 +287,16 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
 
 pub fn du(dir: &Path) -> u64 {
     let mut total = 0;
-    walk_files(dir, &mut |p| total += std::fs::symlink_metadata(p).map(|m| m.len()).unwrap_or(0));
+    walk_files(dir, &mut |p| {
+        total += std::fs::symlink_metadata(p).map(|m| m.len()).unwrap_or(0)
+    });
     total
 }
 
 fn walk_files(dir: &Path, f: &mut dyn FnMut(&Path)) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in rd.flatten() {
         let p = e.path();
         match e.file_type() {
@@ -288,7 +344,10 @@ fn meta(path: &Path) -> Result<Meta> {
         .map(|names| {
             names
                 .filter_map(|n| {
-                    let v = xattr::get_deref(path, &n).ok().flatten().unwrap_or_default();
+                    let v = xattr::get_deref(path, &n)
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
                     Some((n.as_bytes().to_vec(), v))
                 })
                 .collect()
@@ -298,7 +357,11 @@ fn meta(path: &Path) -> Result<Meta> {
         xattrs.clear(); // listing follows nothing, but values of symlinks are not comparable here
     }
     xattrs.sort();
-    let content = if t.is_file() { Some(hash_file(path)?) } else { None };
+    let content = if t.is_file() {
+        Some(hash_file(path)?)
+    } else {
+        None
+    };
     Ok(Meta {
         kind,
         mode: m.mode() & 0o7777,
@@ -306,8 +369,16 @@ fn meta(path: &Path) -> Result<Meta> {
         gid: m.gid(),
         mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
         size: if t.is_dir() { 0 } else { m.len() },
-        rdev: if t.is_char_device() || t.is_block_device() { m.rdev() } else { 0 },
-        target: if t.is_symlink() { std::fs::read_link(path)?.as_os_str().as_bytes().to_vec() } else { vec![] },
+        rdev: if t.is_char_device() || t.is_block_device() {
+            m.rdev()
+        } else {
+            0
+        },
+        target: if t.is_symlink() {
+            std::fs::read_link(path)?.as_os_str().as_bytes().to_vec()
+        } else {
+            vec![]
+        },
         xattrs,
         content,
     })
@@ -335,15 +406,22 @@ pub fn assert_same_tree(a: &Path, b: &Path) -> Result<()> {
     let mut links_b: HashMap<(u64, u64), Vec<PathBuf>> = HashMap::new();
     // The roots themselves are the test's directories; their contents are what must match.
     let names = |d: &Path| -> Result<Vec<_>> {
-        let mut v: Vec<_> =
-            std::fs::read_dir(d)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
+        let mut v: Vec<_> = std::fs::read_dir(d)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
         v.sort();
         Ok(v)
     };
     let (na, nb) = (names(a)?, names(b)?);
     ensure!(na == nb, "top-level entries differ: {na:?} vs {nb:?}");
     for n in na {
-        compare(&a.join(&n), &b.join(&n), Path::new(&n), &mut links_a, &mut links_b)?;
+        compare(
+            &a.join(&n),
+            &b.join(&n),
+            Path::new(&n),
+            &mut links_a,
+            &mut links_b,
+        )?;
     }
     let mut groups_a: Vec<Vec<PathBuf>> = links_a.into_values().filter(|v| v.len() > 1).collect();
     let mut groups_b: Vec<Vec<PathBuf>> = links_b.into_values().filter(|v| v.len() > 1).collect();
@@ -351,7 +429,10 @@ pub fn assert_same_tree(a: &Path, b: &Path) -> Result<()> {
     groups_b.iter_mut().for_each(|g| g.sort());
     groups_a.sort();
     groups_b.sort();
-    ensure!(groups_a == groups_b, "hard link groups differ: {groups_a:?} vs {groups_b:?}");
+    ensure!(
+        groups_a == groups_b,
+        "hard link groups differ: {groups_a:?} vs {groups_b:?}"
+    );
     Ok(())
 }
 
@@ -360,24 +441,38 @@ type Links = HashMap<(u64, u64), Vec<PathBuf>>;
 fn compare(a: &Path, b: &Path, rel: &Path, la: &mut Links, lb: &mut Links) -> Result<()> {
     let ma = meta(a).with_context(|| format!("source {}", a.display()))?;
     let mb = meta(b).with_context(|| format!("restored {} is missing", b.display()))?;
-    ensure!(ma == mb, "{} differs:\n source:   {ma:?}\n restored: {mb:?}", rel.display());
+    ensure!(
+        ma == mb,
+        "{} differs:\n source:   {ma:?}\n restored: {mb:?}",
+        rel.display()
+    );
     if ma.kind == "file" {
         let (sa, sb) = (std::fs::symlink_metadata(a)?, std::fs::symlink_metadata(b)?);
         if sa.nlink() > 1 {
-            la.entry((sa.dev(), sa.ino())).or_default().push(rel.to_path_buf());
+            la.entry((sa.dev(), sa.ino()))
+                .or_default()
+                .push(rel.to_path_buf());
         }
         if sb.nlink() > 1 {
-            lb.entry((sb.dev(), sb.ino())).or_default().push(rel.to_path_buf());
+            lb.entry((sb.dev(), sb.ino()))
+                .or_default()
+                .push(rel.to_path_buf());
         }
     }
     if ma.kind == "dir" {
         let names = |d: &Path| -> Result<Vec<_>> {
-            let mut v: Vec<_> = std::fs::read_dir(d)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
+            let mut v: Vec<_> = std::fs::read_dir(d)?
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<Result<_, _>>()?;
             v.sort();
             Ok(v)
         };
         let (na, nb) = (names(a)?, names(b)?);
-        ensure!(na == nb, "{}: entries differ: {na:?} vs {nb:?}", rel.display());
+        ensure!(
+            na == nb,
+            "{}: entries differ: {na:?} vs {nb:?}",
+            rel.display()
+        );
         for n in na {
             compare(&a.join(&n), &b.join(&n), &rel.join(&n), la, lb)?;
         }

@@ -274,6 +274,13 @@ impl Client {
         })
     }
 
+    /// Checks that the appliance answers over the device's TLS identity, so that a sync
+    /// fails at once, not after scanning, when it is unreachable.
+    pub async fn health(&self) -> Result<(), ClientError> {
+        let rb = self.http.get(self.url(wire::PATH_HEALTH));
+        self.send("health check", rb, 0).await.map(|_| ())
+    }
+
     pub async fn enroll(
         &self,
         req: &wire::EnrollRequest,

@@ -1,8 +1,13 @@
 //! `morgana-agent`: the endpoint side of Morgana.
 
+mod cache;
 mod client;
 mod commands;
+mod restore;
+mod scan;
+mod snapshot;
 mod state;
+mod upload;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

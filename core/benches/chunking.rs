@@ -27,7 +27,9 @@ fn bench(c: &mut Criterion) {
     g.bench_function("bare fastcdc+blake3", |b| {
         b.iter(|| {
             let mut n = 0u64;
-            for ch in fastcdc::v2020::FastCDC::new(&buf, p.min as usize, p.avg as usize, p.max as usize) {
+            for ch in
+                fastcdc::v2020::FastCDC::new(&buf, p.min as usize, p.avg as usize, p.max as usize)
+            {
                 let h = blake3::hash(&buf[ch.offset..ch.offset + ch.length]);
                 n = n.wrapping_add(h.as_bytes()[0] as u64);
             }

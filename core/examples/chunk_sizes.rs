@@ -18,7 +18,9 @@ fn corpus(root: PathBuf, max_bytes: u64) -> Vec<Vec<u8>> {
     let mut total = 0;
     let mut stack = vec![root];
     while let Some(dir) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         let mut entries: Vec<_> = rd.flatten().collect();
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
@@ -63,13 +65,29 @@ fn main() {
     let base = corpus(root, max_mib << 20);
     let edited = edit(&base);
     let logical: u64 = base.iter().map(|f| f.len() as u64).sum();
-    println!("corpus: {} files, {:.1} MiB; 1 % of files edited", base.len(), logical as f64 / 1048576.0);
+    println!(
+        "corpus: {} files, {:.1} MiB; 1 % of files edited",
+        base.len(),
+        logical as f64 / 1048576.0
+    );
     println!(
         "{:>22} {:>10} {:>12} {:>12} {:>14} {:>12}",
         "min/avg/max KiB", "chunks", "index MiB", "stored MiB", "sent after edit", "dedup ratio"
     );
-    for (min, avg, max) in [(2, 8, 32), (4, 16, 64), (8, 32, 128), (16, 64, 256), (32, 128, 512), (128, 512, 2048), (256, 1024, 4096)] {
-        let p = ChunkerParams { min: min * 1024, avg: avg * 1024, max: max * 1024 };
+    for (min, avg, max) in [
+        (2, 8, 32),
+        (4, 16, 64),
+        (8, 32, 128),
+        (16, 64, 256),
+        (32, 128, 512),
+        (128, 512, 2048),
+        (256, 1024, 4096),
+    ] {
+        let p = ChunkerParams {
+            min: min * 1024,
+            avg: avg * 1024,
+            max: max * 1024,
+        };
         let mut chunker = Chunker::new(p).unwrap();
         let mut seen: HashSet<Id> = HashSet::new();
         let mut stored = 0u64;

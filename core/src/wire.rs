@@ -32,6 +32,7 @@ pub const MAX_IDS_PER_REQUEST: usize = 16 * 1024;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EnrollRequest {
+    /// The whole token as printed by `morgana enroll-token`.
     pub token: String,
     pub hostname: String,
     /// PEM certificate signing request for the device's own key; the key never leaves it.

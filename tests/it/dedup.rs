@@ -58,7 +58,10 @@ fn edit_in_the_middle_of_100_mib_sends_under_1_mib() -> Result<()> {
     fs::write(root.join("vm.img"), &data)?;
     let second = agent.sync()?;
     let sent = second["bytes_sent"].as_u64().unwrap();
-    assert!(sent < 1 << 20, "an edit of 100 bytes sent {sent} bytes: {second}");
+    assert!(
+        sent < 1 << 20,
+        "an edit of 100 bytes sent {sent} bytes: {second}"
+    );
     let out = tmp.path().join("out");
     let r = agent.restore("latest", &out, None, false);
     assert!(r.status.success(), "{}", stderr(&r));

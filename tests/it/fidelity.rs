@@ -12,9 +12,25 @@ use morgana_e2e::*;
 
 fn set_mtime(path: &Path, sec: i64, nsec: i64) {
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    let ts = [libc::timespec { tv_sec: sec, tv_nsec: nsec }, libc::timespec { tv_sec: sec, tv_nsec: nsec }];
+    let ts = [
+        libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec,
+        },
+        libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec,
+        },
+    ];
     // SAFETY: valid NUL-terminated path and two timespecs.
-    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     assert_eq!(rc, 0, "utimensat {}", path.display());
 }
 
@@ -26,8 +42,14 @@ fn build_tree(root: &Path) -> Result<()> {
     fs::write(root.join("tiny.txt"), b"hello")?;
     fs::write(root.join("etc/conf.d/exactly-inline"), vec![b'i'; 512])?;
     fs::write(root.join("etc/conf.d/just-over-inline"), vec![b'j'; 513])?;
-    fs::write(root.join("home/alice/docs/report.bin"), noise(3 * 1024 * 1024 + 11, 1))?;
-    fs::write(root.join("home/alice/docs/compressible.txt"), "lorem ipsum ".repeat(200_000))?;
+    fs::write(
+        root.join("home/alice/docs/report.bin"),
+        noise(3 * 1024 * 1024 + 11, 1),
+    )?;
+    fs::write(
+        root.join("home/alice/docs/compressible.txt"),
+        "lorem ipsum ".repeat(200_000),
+    )?;
     // Sparse: 64 MiB with data at both ends and a hole between.
     let mut f = fs::File::create(root.join("sparse.img"))?;
     f.write_all(&noise(100_000, 2))?;
@@ -45,10 +67,17 @@ fn build_tree(root: &Path) -> Result<()> {
     fs::write(root.join("private"), b"secret")?;
     fs::set_permissions(root.join("private"), fs::Permissions::from_mode(0o600))?;
     // Names that are not UTF-8, and one that looks like a path trick but is just a name.
-    fs::write(root.join(OsStr::from_bytes(b"latin1-\xe9t\xe9")), b"caf\xe9")?;
+    fs::write(
+        root.join(OsStr::from_bytes(b"latin1-\xe9t\xe9")),
+        b"caf\xe9",
+    )?;
     fs::create_dir(root.join(OsStr::from_bytes(b"dir-\xff\xfe")))?;
     fs::write(root.join(OsStr::from_bytes(b"dir-\xff\xfe/..x")), b"dots")?;
-    xattr::set(root.join("tiny.txt"), "user.morgana.test", b"value\0with nul")?;
+    xattr::set(
+        root.join("tiny.txt"),
+        "user.morgana.test",
+        b"value\0with nul",
+    )?;
     xattr::set(root.join("home/alice"), "user.dir-attr", b"d")?;
     let fifo = std::ffi::CString::new(root.join("pipe").as_os_str().as_bytes())?;
     // SAFETY: valid path.
@@ -56,7 +85,10 @@ fn build_tree(root: &Path) -> Result<()> {
     if is_root() {
         let dev = std::ffi::CString::new(root.join("null-dev").as_os_str().as_bytes())?;
         // SAFETY: valid path; char device 1:3 like /dev/null.
-        assert_eq!(unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) }, 0);
+        assert_eq!(
+            unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) },
+            0
+        );
         std::os::unix::fs::lchown(root.join("tiny.txt"), Some(1234), Some(5678))?;
         std::os::unix::fs::lchown(root.join("dangling"), Some(4321), Some(8765))?;
         std::os::unix::fs::lchown(root.join("home/alice"), Some(1000), Some(1000))?;
@@ -105,7 +137,11 @@ fn round_trip_keeps_everything() -> Result<()> {
 
     // Holes stay holes.
     let sparse = fs::metadata(out.join("sparse.img"))?;
-    assert!(sparse.blocks() * 512 < 8 << 20, "sparse file restored dense: {} blocks", sparse.blocks());
+    assert!(
+        sparse.blocks() * 512 < 8 << 20,
+        "sparse file restored dense: {} blocks",
+        sparse.blocks()
+    );
 
     // Into a non-empty directory only with --overwrite.
     let again = agent.restore("latest", &out, None, false);
@@ -118,9 +154,17 @@ fn round_trip_keeps_everything() -> Result<()> {
 
     // A single folder, at its own relative path.
     let part = tmp.path().join("part");
-    let r = agent.restore(summary["snapshot"].as_str().unwrap(), &part, Some("home/alice"), false);
+    let r = agent.restore(
+        summary["snapshot"].as_str().unwrap(),
+        &part,
+        Some("home/alice"),
+        false,
+    );
     assert!(r.status.success(), "{}", stderr(&r));
-    assert_eq!(fs::read(part.join("home/alice/docs/report.bin"))?, fs::read(root.join("home/alice/docs/report.bin"))?);
+    assert_eq!(
+        fs::read(part.join("home/alice/docs/report.bin"))?,
+        fs::read(root.join("home/alice/docs/report.bin"))?
+    );
     assert!(!part.join("tiny.txt").exists());
 
     // Listing shows the snapshot with its counts.
@@ -174,13 +218,24 @@ fn file_larger_than_4_gib() -> Result<()> {
     let appliance = Appliance::start(&tmp.path().join("appliance"))?;
     let agent = Agent::enroll(&appliance, &root, &tmp.path().join("state"))?;
     let s = agent.sync()?;
-    assert_eq!(s["bytes_scanned"].as_u64(), Some(fs::metadata(&big)?.len()), "{s}");
+    assert_eq!(
+        s["bytes_scanned"].as_u64(),
+        Some(fs::metadata(&big)?.len()),
+        "{s}"
+    );
     // The zero run dedups to a handful of chunks.
-    assert!(appliance.volume_bytes() < 16 << 20, "volume holds {} bytes", appliance.volume_bytes());
+    assert!(
+        appliance.volume_bytes() < 16 << 20,
+        "volume holds {} bytes",
+        appliance.volume_bytes()
+    );
     let out = tmp.path().join("out");
     let r = agent.restore("latest", &out, None, false);
     assert!(r.status.success(), "{}", stderr(&r));
     assert_eq!(hash_file(&out.join("disk.img"))?, hash_file(&big)?);
-    assert!(fs::metadata(out.join("disk.img"))?.blocks() * 512 < 64 << 20, "restored dense");
+    assert!(
+        fs::metadata(out.join("disk.img"))?.blocks() * 512 < 64 << 20,
+        "restored dense"
+    );
     Ok(())
 }

@@ -10,7 +10,11 @@ use morgana_core::pack::{BlobKind, Compression, PackBuilder};
 use morgana_core::tree::{Content, Entry, Kind, Tree};
 use morgana_e2e::*;
 
-fn pack_file(dir: &std::path::Path, name: &str, blobs: &[(Id, BlobKind, &[u8])]) -> Result<std::path::PathBuf> {
+fn pack_file(
+    dir: &std::path::Path,
+    name: &str,
+    blobs: &[(Id, BlobKind, &[u8])],
+) -> Result<std::path::PathBuf> {
     let mut b = PackBuilder::default();
     for (id, kind, bytes) in blobs {
         b.add_stored(*id, *kind, Compression::None, bytes, bytes.len() as u32);
@@ -33,14 +37,31 @@ fn tls_only_and_device_certificates_required() -> Result<()> {
 
     // Plain HTTP gets no answer.
     let plain = Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"])
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ])
         .arg(format!("http://127.0.0.1:{}/healthz", appliance.port()))
         .output()?;
     assert_ne!(String::from_utf8_lossy(&plain.stdout), "200");
 
     // Without the device certificate the data plane is closed.
     let anon = Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "x-morgana-protocol: 1", "--cacert"])
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "x-morgana-protocol: 1",
+            "--cacert",
+        ])
         .arg(agent.state_dir.join("ca.crt"))
         .arg(format!("{}/v1/snapshots", appliance.url))
         .output()?;
@@ -48,7 +69,16 @@ fn tls_only_and_device_certificates_required() -> Result<()> {
 
     // An agent speaking another protocol version is told so.
     let old = Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "x-morgana-protocol: 999", "--cacert"])
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "x-morgana-protocol: 999",
+            "--cacert",
+        ])
         .arg(agent.state_dir.join("ca.crt"))
         .arg("--cert")
         .arg(agent.state_dir.join("client.crt"))
@@ -77,7 +107,14 @@ fn tokens_are_single_use_and_pinned() -> Result<()> {
     let token = appliance.token()?;
     let enroll = |state: &str, token: &str| {
         agent_cmd()
-            .args(["enroll", "--server", &appliance.url, "--token", token, "--root"])
+            .args([
+                "enroll",
+                "--server",
+                &appliance.url,
+                "--token",
+                token,
+                "--root",
+            ])
             .arg(&root)
             .arg("--state-dir")
             .arg(tmp.path().join(state))
@@ -86,7 +123,10 @@ fn tokens_are_single_use_and_pinned() -> Result<()> {
     };
     assert!(enroll("s1", &token).status.success());
     let reused = enroll("s2", &token);
-    assert!(!reused.status.success(), "a used-up token enrolled a second device");
+    assert!(
+        !reused.status.success(),
+        "a used-up token enrolled a second device"
+    );
     // A token pinning another CA must not even reach the appliance with its secret.
     let other = tempfile::tempdir()?;
     let other_appliance = Appliance::start(other.path())?;
@@ -95,7 +135,11 @@ fn tokens_are_single_use_and_pinned() -> Result<()> {
     assert!(!wrong.status.success());
     assert!(stderr(&wrong).contains("CA"), "{}", stderr(&wrong));
     let garbage = enroll("s4", "not-a-token");
-    assert!(stderr(&garbage).contains("enroll-token"), "{}", stderr(&garbage));
+    assert!(
+        stderr(&garbage).contains("enroll-token"),
+        "{}",
+        stderr(&garbage)
+    );
     Ok(())
 }
 
@@ -115,12 +159,21 @@ fn forged_chunks_and_hostile_trees_are_refused() -> Result<()> {
     // Wrong bytes under the id of a chunk every device has.
     let chunk_id = {
         let mut chunker = morgana_core::Chunker::new(Default::default())?;
-        chunker.chunk::<_, std::io::Error>(&popular[..], |_, _| Ok(()))?.chunks[0]
+        chunker
+            .chunk::<_, std::io::Error>(&popular[..], |_, _| Ok(()))?
+            .chunks[0]
     };
-    let forged = pack_file(tmp.path(), "forged.pack", &[(chunk_id, BlobKind::Chunk, b"malware")])?;
+    let forged = pack_file(
+        tmp.path(),
+        "forged.pack",
+        &[(chunk_id, BlobKind::Chunk, b"malware")],
+    )?;
     let (code, body) = appliance.curl(&attacker, "/v1/packs", Some(&forged))?;
     assert_eq!(code, 422, "forged pack accepted: {body}");
-    assert!(body.contains(&chunk_id.to_hex()), "the refusal does not name the blob: {body}");
+    assert!(
+        body.contains(&chunk_id.to_hex()),
+        "the refusal does not name the blob: {body}"
+    );
 
     // A tree whose entry would climb out of the restore directory.
     let evil = Tree {
@@ -133,14 +186,23 @@ fn forged_chunks_and_hostile_trees_are_refused() -> Result<()> {
         }],
     };
     let (tree_id, tree_bytes) = evil.seal();
-    let hostile = pack_file(tmp.path(), "hostile.pack", &[(tree_id, BlobKind::Tree, &tree_bytes)])?;
+    let hostile = pack_file(
+        tmp.path(),
+        "hostile.pack",
+        &[(tree_id, BlobKind::Tree, &tree_bytes)],
+    )?;
     let (code, body) = appliance.curl(&attacker, "/v1/packs", Some(&hostile))?;
     assert_eq!(code, 422, "hostile tree accepted: {body}");
     assert!(body.contains("not allowed"), "{body}");
 
     // A commit of something the appliance does not hold is refused.
     let commit = tmp.path().join("commit.json");
-    fs::write(&commit, format!(r#"{{"root":"{tree_id}","stats":{{"files":0,"dirs":0,"bytes":0,"bytes_sent":0,"new_chunks":0}},"reason":"manual"}}"#))?;
+    fs::write(
+        &commit,
+        format!(
+            r#"{{"root":"{tree_id}","stats":{{"files":0,"dirs":0,"bytes":0,"bytes_sent":0,"new_chunks":0}},"reason":"manual"}}"#
+        ),
+    )?;
     let (code, body) = appliance.curl(&attacker, "/v1/snapshots", Some(&commit))?;
     assert_eq!(code, 409, "{body}");
 

@@ -14,17 +14,32 @@ fn resume_after_kill_does_not_resend() -> Result<()> {
     let root = tmp.path().join("root");
     fs::create_dir_all(&root)?;
     for i in 0..12 {
-        fs::write(root.join(format!("part{i:02}.bin")), noise(24 << 20, 100 + i))?;
+        fs::write(
+            root.join(format!("part{i:02}.bin")),
+            noise(24 << 20, 100 + i),
+        )?;
     }
     let appliance = Appliance::start(&tmp.path().join("appliance"))?;
     let agent = Agent::enroll(&appliance, &root, &tmp.path().join("state"))?;
-    let mut child = agent.cmd("sync").arg("--json").stdout(Stdio::null()).spawn()?;
-    let some_arrived = wait_for(Duration::from_secs(120), || appliance.pack_files().len() >= 3);
+    let mut child = agent
+        .cmd("sync")
+        .arg("--json")
+        .stdout(Stdio::null())
+        .spawn()?;
+    let some_arrived = wait_for(Duration::from_secs(120), || {
+        appliance.pack_files().len() >= 3
+    });
     // SIGKILL: no chance to clean up or flush anything.
     child.kill()?;
     let status = child.wait()?;
-    assert!(some_arrived, "no packs arrived before the sync ended: {status}");
-    assert!(!status.success(), "the sync finished before it could be killed; make the tree larger");
+    assert!(
+        some_arrived,
+        "no packs arrived before the sync ended: {status}"
+    );
+    assert!(
+        !status.success(),
+        "the sync finished before it could be killed; make the tree larger"
+    );
     let before = appliance.volume_bytes();
 
     let s = agent.sync()?;
@@ -42,6 +57,10 @@ fn resume_after_kill_does_not_resend() -> Result<()> {
     assert!(r.status.success(), "{}", stderr(&r));
     assert_same_tree(&root, &out)?;
     let check = appliance.check();
-    assert!(check.status.success(), "check after resume: {}", String::from_utf8_lossy(&check.stdout));
+    assert!(
+        check.status.success(),
+        "check after resume: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
     Ok(())
 }

@@ -45,7 +45,7 @@ pub async fn run(
     let client = Client::for_enrolment(server, token.ca_pin)?;
     let resp = client
         .enroll(&EnrollRequest {
-            token: token.secret.clone(),
+            token: token.to_string(),
             hostname,
             csr_pem: csr.pem()?,
         })

@@ -1,0 +1,460 @@
+//! The upload stage: blobs (chunks from the readers, trees from the finaliser) are checked
+//! against the appliance in batches, only the missing ones are compressed (in parallel),
+//! packed, and uploaded with at most two packs in flight.
+//!
+//! Memory is bounded by a byte [`Budget`]: a blob takes a lease on its raw size before it
+//! enters the stage and gives it back once it is in a pack (or dropped as a duplicate), so
+//! readers wait when the appliance or the network is the bottleneck. Packs are uploaded as
+//! they fill: a sync killed midway has left every finished pack on the appliance, and the
+//! next run's missing queries skip them.
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use morgana_core::Id;
+use morgana_core::pack::{
+    BlobKind, Codec, Compression, DEFAULT_ZSTD_LEVEL, PackBuilder, TARGET_PACK_BYTES,
+};
+use tokio::runtime::Handle;
+
+use crate::client::{Client, ClientError};
+
+/// Raw blob bytes allowed between the readers and the packs.
+pub const BUDGET_BYTES: usize = 16 * 1024 * 1024;
+/// A missing query is sent once a batch holds this many ids or bytes, or nothing new has
+/// arrived for [`BATCH_IDLE`].
+const BATCH_IDS: usize = 4096;
+const BATCH_BYTES: usize = 4 * 1024 * 1024;
+const BATCH_IDLE: Duration = Duration::from_millis(3);
+/// Ids known to be on the appliance or already queued this session; cleared when full so
+/// memory stays flat (forgetting only costs a repeated question).
+const SEEN_MAX: usize = 128 * 1024;
+const UPLOADS_IN_FLIGHT: usize = 2;
+const QUERIES_IN_FLIGHT: usize = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("an upload or query task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// Another stage failed first; its error is the one to report.
+    #[error("the sync was cancelled")]
+    Cancelled,
+}
+
+/// A counting semaphore over bytes, abortable so that no stage waits forever after
+/// another has failed.
+pub struct Budget {
+    state: Mutex<(usize, bool)>,
+    cv: Condvar,
+    cap: usize,
+}
+
+/// Bytes held from a [`Budget`], given back on drop.
+pub struct Lease {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Budget {
+    pub fn new(cap: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            state: Mutex::new((0, false)),
+            cv: Condvar::new(),
+            cap,
+        })
+    }
+
+    /// Waits for `bytes` (capped at the whole budget, so one huge tree cannot wait forever).
+    pub fn acquire(self: &Arc<Self>, bytes: usize) -> Result<Lease, UploadError> {
+        let bytes = bytes.min(self.cap);
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if st.1 {
+                return Err(UploadError::Cancelled);
+            }
+            if st.0 + bytes <= self.cap {
+                st.0 += bytes;
+                return Ok(Lease {
+                    budget: self.clone(),
+                    bytes,
+                });
+            }
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+
+    /// Wakes every waiter with [`UploadError::Cancelled`].
+    pub fn abort(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.cv.notify_all();
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut st = self.budget.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 -= self.bytes;
+        self.budget.cv.notify_all();
+    }
+}
+
+pub struct Blob {
+    pub id: Id,
+    pub kind: BlobKind,
+    pub data: Vec<u8>,
+    _lease: Lease,
+}
+
+/// Where readers and the finaliser hand blobs to the stage.
+#[derive(Clone)]
+pub struct BlobSink {
+    tx: Sender<Blob>,
+    budget: Arc<Budget>,
+}
+
+impl BlobSink {
+    pub fn new(tx: Sender<Blob>, budget: Arc<Budget>) -> BlobSink {
+        BlobSink { tx, budget }
+    }
+
+    /// Whether a stage has failed and the sync is being abandoned.
+    pub fn is_cancelled(&self) -> bool {
+        self.budget.is_aborted()
+    }
+
+    pub fn send(&self, id: Id, kind: BlobKind, data: Vec<u8>) -> Result<(), UploadError> {
+        let lease = self.budget.acquire(data.len())?;
+        self.tx
+            .send(Blob {
+                id,
+                kind,
+                data,
+                _lease: lease,
+            })
+            .map_err(|_| UploadError::Cancelled)
+    }
+}
+
+/// Ids are BLAKE3 output: their first bytes are already a good hash.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for (i, b) in bytes.iter().take(8).enumerate() {
+            self.0 |= (*b as u64) << (8 * i);
+        }
+    }
+}
+
+type IdSet = HashSet<Id, BuildHasherDefault<IdHasher>>;
+
+type MissingQuery = tokio::task::JoinHandle<Result<Vec<Id>, ClientError>>;
+
+/// Batches incoming blobs, asks the appliance which it lacks, and passes those on. Up to
+/// [`QUERIES_IN_FLIGHT`] questions are outstanding, so compression does not stall on one
+/// round trip.
+pub fn dedup(
+    rx: Receiver<Blob>,
+    out: Sender<Blob>,
+    client: Arc<Client>,
+    rt: &Handle,
+) -> Result<(), UploadError> {
+    let mut seen = IdSet::default();
+    let mut batch: Vec<Blob> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let mut asked: VecDeque<(MissingQuery, Vec<Blob>)> = VecDeque::new();
+    // Hands on the blobs of the oldest question the appliance has answered.
+    let settle =
+        |asked: &mut VecDeque<(MissingQuery, Vec<Blob>)>, wait: bool| -> Result<(), UploadError> {
+            while let Some((query, _)) = asked.front() {
+                if !wait && !query.is_finished() {
+                    break;
+                }
+                let Some((query, blobs)) = asked.pop_front() else {
+                    break;
+                };
+                let missing: IdSet = rt.block_on(query)??.into_iter().collect();
+                for blob in blobs {
+                    if missing.contains(&blob.id) {
+                        out.send(blob).map_err(|_| UploadError::Cancelled)?;
+                    }
+                }
+                if wait {
+                    break;
+                }
+            }
+            Ok(())
+        };
+    loop {
+        let (blob, closed) = match rx.recv_timeout(BATCH_IDLE) {
+            Ok(b) => (Some(b), false),
+            Err(RecvTimeoutError::Timeout) => (None, false),
+            Err(RecvTimeoutError::Disconnected) => (None, true),
+        };
+        // A pause or the end of input both mean "ask about what you have": readers may be
+        // waiting for the budget this batch holds.
+        let idle = blob.is_none();
+        if let Some(blob) = blob {
+            // Repeats (zero blocks, copies) go no further: the lease is returned here. An id
+            // counts as seen from the moment it is asked about.
+            if seen.len() >= SEEN_MAX {
+                seen.clear();
+            }
+            if seen.insert(blob.id) {
+                batch_bytes += blob.data.len();
+                batch.push(blob);
+            }
+        }
+        settle(&mut asked, false)?;
+        let full = batch.len() >= BATCH_IDS || batch_bytes >= BATCH_BYTES;
+        if !batch.is_empty() && (full || idle) {
+            if asked.len() >= QUERIES_IN_FLIGHT {
+                settle(&mut asked, true)?;
+            }
+            let ids: Vec<Id> = batch.iter().map(|b| b.id).collect();
+            let client = client.clone();
+            let query = rt.spawn(async move { client.missing(&ids).await });
+            asked.push_back((query, std::mem::take(&mut batch)));
+            batch_bytes = 0;
+        }
+        if closed {
+            while !asked.is_empty() {
+                settle(&mut asked, true)?;
+            }
+            return Ok(());
+        }
+    }
+}
+
+pub struct Compressed {
+    id: Id,
+    kind: BlobKind,
+    compression: Compression,
+    stored: Vec<u8>,
+    raw_len: u32,
+    _lease: Lease,
+}
+
+/// Compresses blobs that the appliance lacks; run one per core.
+pub fn compress(rx: Receiver<Blob>, out: Sender<Compressed>) -> Result<(), UploadError> {
+    let mut codec = Codec::new(DEFAULT_ZSTD_LEVEL);
+    let mut probe = Codec::new(1);
+    let mut scratch = Vec::new();
+    for blob in rx {
+        let Blob {
+            id,
+            kind,
+            data,
+            _lease,
+        } = blob;
+        let raw_len = data.len() as u32;
+        let (compression, stored) = if looks_incompressible(&mut probe, &data, &mut scratch) {
+            (Compression::None, data)
+        } else {
+            match codec.compress_into(&data, &mut scratch) {
+                Compression::None => (Compression::None, data),
+                // An exact-size copy: the scratch buffer stays at its largest for reuse.
+                c => (c, scratch.clone()),
+            }
+        };
+        out.send(Compressed {
+            id,
+            kind,
+            compression,
+            stored,
+            raw_len,
+            _lease,
+        })
+        .map_err(|_| UploadError::Cancelled)?;
+    }
+    Ok(())
+}
+
+/// Bytes of a blob tried at a fast level before the whole blob is compressed.
+const PROBE_BYTES: usize = 8 * 1024;
+
+/// Whether a blob is not worth compressing, judged from its first bytes at the fastest
+/// level. Already compressed or encrypted data (media, archives, libraries' packed
+/// sections) is about half of a desktop; searching it for matches at the real level costs
+/// most of the compression time and gains nothing. A blob misjudged here is stored raw,
+/// which is always correct.
+fn looks_incompressible(probe: &mut Codec, data: &[u8], scratch: &mut Vec<u8>) -> bool {
+    if data.len() < 2 * PROBE_BYTES {
+        return false;
+    }
+    let sample = &data[..PROBE_BYTES];
+    match probe.compress_into(sample, scratch) {
+        Compression::None => true,
+        _ => scratch.len() * 100 > sample.len() * 97,
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UploadTotals {
+    pub packs: u64,
+    /// Chunks the appliance stored as new (trees not counted).
+    pub new_chunks: u64,
+    pub new_blobs: u64,
+}
+
+/// Fills packs and uploads each as soon as it passes the target size.
+pub fn pack(
+    rx: Receiver<Compressed>,
+    client: Arc<Client>,
+    rt: &Handle,
+) -> Result<UploadTotals, UploadError> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(UPLOADS_IN_FLIGHT));
+    let mut uploads: Vec<tokio::task::JoinHandle<Result<UploadTotals, UploadError>>> = Vec::new();
+    let mut totals = UploadTotals::default();
+    let mut builder: Option<PackBuilder> = None;
+    let mut chunks_in_pack = 0u64;
+
+    let send = |b: PackBuilder,
+                chunks: u64,
+                uploads: &mut Vec<tokio::task::JoinHandle<_>>,
+                totals: &mut UploadTotals|
+     -> Result<(), UploadError> {
+        // Waiting for a permit before finishing keeps at most two packs in flight plus the
+        // one being filled.
+        let permit = rt
+            .block_on(permits.clone().acquire_owned())
+            .map_err(|_| UploadError::Cancelled)?;
+        let pack = b.finish();
+        let client = client.clone();
+        uploads.push(rt.spawn(async move {
+            let accepted = client.upload_pack(pack.bytes).await?;
+            drop(permit);
+            Ok(UploadTotals {
+                packs: 1,
+                new_chunks: chunks.saturating_sub(accepted.duplicate_blobs),
+                new_blobs: accepted.new_blobs,
+            })
+        }));
+        // Collect finished uploads as we go so that a failure stops the sync early.
+        let mut i = 0;
+        while i < uploads.len() {
+            if uploads[i].is_finished() {
+                let t = rt.block_on(uploads.swap_remove(i))??;
+                add(totals, t);
+            } else {
+                i += 1;
+            }
+        }
+        Ok(())
+    };
+
+    for blob in rx {
+        let b = builder.get_or_insert_with(PackBuilder::default);
+        b.add_stored(
+            blob.id,
+            blob.kind,
+            blob.compression,
+            &blob.stored,
+            blob.raw_len,
+        );
+        if blob.kind == BlobKind::Chunk {
+            chunks_in_pack += 1;
+        }
+        drop(blob);
+        if b.len() >= TARGET_PACK_BYTES
+            && let Some(full) = builder.take()
+        {
+            send(full, chunks_in_pack, &mut uploads, &mut totals)?;
+            chunks_in_pack = 0;
+        }
+    }
+    if let Some(last) = builder.take().filter(|b| !b.is_empty()) {
+        send(last, chunks_in_pack, &mut uploads, &mut totals)?;
+    }
+    for u in uploads {
+        let t = rt.block_on(u)??;
+        add(&mut totals, t);
+    }
+    Ok(totals)
+}
+
+fn add(totals: &mut UploadTotals, t: UploadTotals) {
+    totals.packs += t.packs;
+    totals.new_chunks += t.new_chunks;
+    totals.new_blobs += t.new_blobs;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random(n: usize) -> Vec<u8> {
+        let mut x = 0x9e3779b97f4a7c15u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn incompressible_blobs_are_stored_raw_and_text_is_compressed() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (out_tx, out_rx) = crossbeam_channel::unbounded();
+        let budget = Budget::new(1 << 30);
+        let sink = BlobSink::new(tx, budget);
+        let noise = random(100_000);
+        let text = b"the quick brown fox jumps over the lazy dog ".repeat(2000);
+        for data in [&noise, &text] {
+            sink.send(Id::of(data), BlobKind::Chunk, data.clone())
+                .unwrap();
+        }
+        drop(sink);
+        compress(rx, out_tx).unwrap();
+        let got: Vec<Compressed> = out_rx.iter().collect();
+        assert_eq!(got[0].compression, Compression::None);
+        assert_eq!(got[0].stored, noise);
+        assert_eq!(got[1].compression, Compression::Zstd);
+        let mut codec = Codec::new(1);
+        let back = codec
+            .open(
+                got[1].id,
+                got[1].compression,
+                &got[1].stored,
+                got[1].raw_len,
+            )
+            .unwrap();
+        assert_eq!(back, text);
+    }
+
+    #[test]
+    fn budget_blocks_until_leases_return_and_aborts() {
+        let b = Budget::new(100);
+        let l1 = b.acquire(60).unwrap();
+        let b2 = b.clone();
+        let t = std::thread::spawn(move || b2.acquire(60).map(|_| ()));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!t.is_finished());
+        drop(l1);
+        assert!(t.join().unwrap().is_ok());
+        // More than the whole budget is capped to it rather than waiting forever.
+        let _l = b.acquire(1000).unwrap();
+        let b3 = b.clone();
+        let t = std::thread::spawn(move || b3.acquire(1).map(|_| ()));
+        std::thread::sleep(Duration::from_millis(20));
+        b.abort();
+        assert!(matches!(t.join().unwrap(), Err(UploadError::Cancelled)));
+    }
+}
