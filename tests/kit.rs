@@ -343,19 +343,13 @@ fn meta(path: &Path) -> Result<Meta> {
     let mut xattrs: Vec<_> = xattr::list(path)
         .map(|names| {
             names
-                .filter_map(|n| {
-                    let v = xattr::get_deref(path, &n)
-                        .ok()
-                        .flatten()
-                        .unwrap_or_default();
-                    Some((n.as_bytes().to_vec(), v))
+                .map(|n| {
+                    let value = xattr::get(path, &n).ok().flatten().unwrap_or_default();
+                    (n.as_bytes().to_vec(), value)
                 })
                 .collect()
         })
         .unwrap_or_default();
-    if t.is_symlink() {
-        xattrs.clear(); // listing follows nothing, but values of symlinks are not comparable here
-    }
     xattrs.sort();
     let content = if t.is_file() {
         Some(hash_file(path)?)

@@ -36,15 +36,6 @@ pub enum ClientError {
     BadUrl(String),
 }
 
-impl ClientError {
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            ClientError::Refused { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-}
-
 /// Trusts exactly one CA: the appliance's own, identified by its pin. Names are not
 /// checked: the CA is private to the appliance, and endpoints reach it under whatever
 /// address the site uses.

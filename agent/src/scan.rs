@@ -519,26 +519,25 @@ fn read_content(
     chunker: &mut Chunker,
     sink: &BlobSink,
 ) -> Result<(Content, u64), ChunkFail> {
+    // Never past the size the stat gave: a file that keeps growing (a busy log) must not
+    // keep the reader forever. Growth shows in the stat after the read.
+    let mut limited = file.by_ref().take(expected);
     if expected <= INLINE_MAX {
-        // Read one byte more than inline allows, to see whether the file has grown.
-        let mut buf = Vec::with_capacity(INLINE_MAX as usize + 1);
-        file.by_ref().take(INLINE_MAX + 1).read_to_end(&mut buf)?;
-        if buf.len() as u64 <= INLINE_MAX {
-            let size = buf.len() as u64;
-            let content = if buf.is_empty() {
-                Content::None
-            } else {
-                Content::Inline(buf)
-            };
-            return Ok((content, size));
-        }
-        file.rewind()?;
+        let mut buf = Vec::with_capacity(expected as usize);
+        limited.read_to_end(&mut buf)?;
+        let size = buf.len() as u64;
+        let content = if buf.is_empty() {
+            Content::None
+        } else {
+            Content::Inline(buf)
+        };
+        return Ok((content, size));
     }
     // A file that shrank to inline size while being read still needs its bytes inline.
     let mut small: Option<Vec<u8>> = None;
     // Runs of one chunk (zeros in sparse or preallocated files) are offered once.
     let mut previous: Option<morgana_core::Id> = None;
-    let chunked = chunker.chunk(&mut *file, |id, bytes| {
+    let chunked = chunker.chunk(limited, |id, bytes| {
         if bytes.len() as u64 <= INLINE_MAX {
             small = Some(bytes.to_vec());
         }

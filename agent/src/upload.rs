@@ -396,7 +396,6 @@ fn add(totals: &mut UploadTotals, t: UploadTotals) {
 mod tests {
     use super::*;
 
-    #[test]
     fn random(n: usize) -> Vec<u8> {
         let mut x = 0x9e3779b97f4a7c15u64;
         (0..n)

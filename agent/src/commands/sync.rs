@@ -121,7 +121,7 @@ pub async fn run(state_dir: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "snapshot {}: {} files, {} scanned, {} files read, {} sent ({} new chunks) in {:.1}s",
+        "snapshot {}: {} files, {} scanned, {} files read, {} sent ({} new chunks) in {:.2}s",
         summary.snapshot,
         summary.files,
         HumanBytes(summary.bytes_scanned),
