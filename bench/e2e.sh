@@ -47,12 +47,6 @@ seconds() {
     t1=$(date +%s.%N)
     echo "$t1 - $t0" | bc -l
 }
-# peak_rss CMD...: runs CMD, prints the peak RSS of CMD in KiB
-peak_rss() {
-    python3 -c 'import resource,subprocess,sys
-r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)
-print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) if r.returncode == 0 else sys.exit(r.returncode)' "$@"
-}
 mib_s() { echo "scale=1; $1 / 1048576 / $2" | bc -l; }
 swap_in_changed() { rm -rf "$WORK/ep0-work"; cp -a "$WORK/ep0" "$WORK/ep0-work"; }
 
@@ -64,7 +58,14 @@ SERVE=$!
 trap 'kill $SERVE 2>/dev/null || true' EXIT
 for _ in $(seq 100); do grep -q listening "$M/serve.out" 2>/dev/null && break; sleep 0.1; done
 URL=$(sed -n 's/^morgana listening on //p' "$M/serve.out")
-agent() { "$BIN/morgana-agent" "$@"; }
+RSS_LOG=$M/rss.log
+# Every agent run goes through here, so the peak RSS covers the initial sync too.
+agent() {
+    python3 -c 'import resource,subprocess,sys
+r = subprocess.run(sys.argv[2:])
+open(sys.argv[1], "a").write("%d\n" % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(r.returncode)' "$RSS_LOG" "$BIN/morgana-agent" "$@"
+}
 swap_in_changed
 for i in $(seq 0 $((ENDPOINTS - 1))); do
     root=$WORK/ep$i; [[ $i == 0 ]] && root=$WORK/ep0-work
@@ -79,11 +80,8 @@ rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
 R[m_change_sent]=$(agent sync --json --state-dir "$M/state0" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_sent"])')
 rm -rf "$M/restore"; drop_caches
 R[m_restore]=$(seconds agent restore --snapshot latest --to "$M/restore" --state-dir "$M/state0")
-RSS=$(peak_rss "$BIN/morgana-agent" sync --state-dir "$M/state1")
-for i in $(seq 2 $((ENDPOINTS - 1))); do
-    r=$(peak_rss "$BIN/morgana-agent" sync --state-dir "$M/state$i"); ((r > RSS)) && RSS=$r
-done
-R[m_rss]=$RSS
+for i in $(seq 1 $((ENDPOINTS - 1))); do agent sync --state-dir "$M/state$i" > /dev/null; done
+R[m_rss]=$(sort -n "$RSS_LOG" | tail -1)
 R[m_volume]=$(du -sb "$M/data/volumes" | cut -f1)
 R[m_catalog]=$(du -cb "$M/data"/catalog.sqlite* | tail -1 | cut -f1)
 kill $SERVE; wait $SERVE 2>/dev/null || true
@@ -114,7 +112,7 @@ if command -v borg >/dev/null; then
     R[b_init]=$(seconds borg create --compression lz4 ::ep0-1 "$WORK/ep0-work")
     R[b_nochange]=$(seconds borg create --compression lz4 ::ep0-2 "$WORK/ep0-work")
     rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
-    R[b_change_sent]=$(borg create --compression lz4 --json ::ep0-3 "$WORK/ep0-work" | python3 -c 'import json,sys; print(json.load(sys.stdin)["archive"]["stats"]["compressed_size"])' 2>/dev/null || echo 0)
+    R[b_change_sent]=$(borg create --compression lz4 --json ::ep0-3 "$WORK/ep0-work" | python3 -c 'import json,sys; print(json.load(sys.stdin)["archive"]["stats"]["deduplicated_size"])' 2>/dev/null || echo)
     rm -rf "$WORK/borg-restore"; mkdir -p "$WORK/borg-restore"; drop_caches
     R[b_restore]=$(cd "$WORK/borg-restore" && seconds borg extract ::ep0-1)
     for i in $(seq 1 $((ENDPOINTS - 1))); do borg create --compression lz4 "::ep$i" "$WORK/ep$i"; done

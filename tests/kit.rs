@@ -271,19 +271,7 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Deterministic pseudo-random bytes (xorshift), incompressible like real media.
-pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+pub use morgana_core::testdata::noise;
 
 pub fn du(dir: &Path) -> u64 {
     let mut total = 0;
@@ -399,14 +387,7 @@ pub fn assert_same_tree(a: &Path, b: &Path) -> Result<()> {
     let mut links_a: HashMap<(u64, u64), Vec<PathBuf>> = HashMap::new();
     let mut links_b: HashMap<(u64, u64), Vec<PathBuf>> = HashMap::new();
     // The roots themselves are the test's directories; their contents are what must match.
-    let names = |d: &Path| -> Result<Vec<_>> {
-        let mut v: Vec<_> = std::fs::read_dir(d)?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()?;
-        v.sort();
-        Ok(v)
-    };
-    let (na, nb) = (names(a)?, names(b)?);
+    let (na, nb) = (sorted_names(a)?, sorted_names(b)?);
     ensure!(na == nb, "top-level entries differ: {na:?} vs {nb:?}");
     for n in na {
         compare(
@@ -428,6 +409,14 @@ pub fn assert_same_tree(a: &Path, b: &Path) -> Result<()> {
         "hard link groups differ: {groups_a:?} vs {groups_b:?}"
     );
     Ok(())
+}
+
+fn sorted_names(dir: &Path) -> Result<Vec<std::ffi::OsString>> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
+    v.sort();
+    Ok(v)
 }
 
 type Links = HashMap<(u64, u64), Vec<PathBuf>>;
@@ -454,14 +443,7 @@ fn compare(a: &Path, b: &Path, rel: &Path, la: &mut Links, lb: &mut Links) -> Re
         }
     }
     if ma.kind == "dir" {
-        let names = |d: &Path| -> Result<Vec<_>> {
-            let mut v: Vec<_> = std::fs::read_dir(d)?
-                .map(|e| e.map(|e| e.file_name()))
-                .collect::<Result<_, _>>()?;
-            v.sort();
-            Ok(v)
-        };
-        let (na, nb) = (names(a)?, names(b)?);
+        let (na, nb) = (sorted_names(a)?, sorted_names(b)?);
         ensure!(
             na == nb,
             "{}: entries differ: {na:?} vs {nb:?}",

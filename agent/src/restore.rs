@@ -417,17 +417,7 @@ mod tests {
         }
     }
 
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use morgana_core::testdata::noise;
 
     #[test]
     fn subpaths_cannot_escape() {

@@ -4,22 +4,11 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use morgana_core::testdata::noise;
 use morgana_core::{Chunker, ChunkerParams, Id};
 
-fn data(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn bench(c: &mut Criterion) {
-    let buf = data(64 * 1024 * 1024);
+    let buf = noise(64 * 1024 * 1024, 1);
     let p = ChunkerParams::default();
     let mut g = c.benchmark_group("chunk+hash");
     g.throughput(Throughput::Bytes(buf.len() as u64));

@@ -145,18 +145,7 @@ impl Chunker {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::testdata::noise;
 
     fn collect(params: ChunkerParams, data: &[u8], read_size: usize) -> (Chunked, Vec<usize>) {
         struct Dribble<'a>(&'a [u8], usize);

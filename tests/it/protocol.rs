@@ -24,6 +24,15 @@ fn pack_file(
     Ok(path)
 }
 
+/// The HTTP status curl sees for a request (empty when there was no HTTP answer).
+fn http_status(args: &[&str]) -> Result<String> {
+    let out = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(args)
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 #[test]
 fn tls_only_and_device_certificates_required() -> Result<()> {
     crate::init();
@@ -35,58 +44,36 @@ fn tls_only_and_device_certificates_required() -> Result<()> {
     let (code, _) = appliance.curl(&agent, "/healthz", None)?;
     assert_eq!(code, 200);
 
+    let ca = agent.state_dir.join("ca.crt");
+    let ca = ca.to_str().unwrap();
+    let (cert, key) = (
+        agent.state_dir.join("client.crt"),
+        agent.state_dir.join("client.key"),
+    );
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+
     // Plain HTTP gets no answer.
-    let plain = Command::new("curl")
-        .args([
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "5",
-        ])
-        .arg(format!("http://127.0.0.1:{}/healthz", appliance.port()))
-        .output()?;
-    assert_ne!(String::from_utf8_lossy(&plain.stdout), "200");
+    let plain = format!("http://127.0.0.1:{}/healthz", appliance.port());
+    assert_ne!(http_status(&["--max-time", "5", &plain])?, "200");
 
     // Without the device certificate the data plane is closed.
-    let anon = Command::new("curl")
-        .args([
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-H",
-            "x-morgana-protocol: 1",
-            "--cacert",
-        ])
-        .arg(agent.state_dir.join("ca.crt"))
-        .arg(format!("{}/v1/snapshots", appliance.url))
-        .output()?;
-    assert_eq!(String::from_utf8_lossy(&anon.stdout), "401");
+    let snapshots = format!("{}/v1/snapshots", appliance.url);
+    let anon = http_status(&["-H", "x-morgana-protocol: 1", "--cacert", ca, &snapshots])?;
+    assert_eq!(anon, "401");
 
     // An agent speaking another protocol version is told so.
-    let old = Command::new("curl")
-        .args([
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-H",
-            "x-morgana-protocol: 999",
-            "--cacert",
-        ])
-        .arg(agent.state_dir.join("ca.crt"))
-        .arg("--cert")
-        .arg(agent.state_dir.join("client.crt"))
-        .arg("--key")
-        .arg(agent.state_dir.join("client.key"))
-        .arg(format!("{}/v1/snapshots", appliance.url))
-        .output()?;
-    assert_eq!(String::from_utf8_lossy(&old.stdout), "426");
+    let old = http_status(&[
+        "-H",
+        "x-morgana-protocol: 999",
+        "--cacert",
+        ca,
+        "--cert",
+        cert,
+        "--key",
+        key,
+        &snapshots,
+    ])?;
+    assert_eq!(old, "426");
 
     // Credential files are private.
     use std::os::unix::fs::PermissionsExt;
