@@ -82,6 +82,29 @@ pub struct BlobLocation {
     pub entry: PackEntry,
 }
 
+/// How far the collector has looked: the newest snapshot and hold it has marked from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcHorizon {
+    pub snapshot_seq: i64,
+    pub hold_seq: i64,
+}
+
+/// A step of the collector that runs only if no root appeared beyond what it marked.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fenced<T> {
+    Done(T),
+    /// Nothing changed: mark from the roots up to this horizon, then try again.
+    NewRoots(GcHorizon),
+}
+
+/// A pack and how much of it the index still points to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackUsage {
+    pub pack: PackRecord,
+    pub live_blobs: u64,
+    pub live_bytes: u64,
+}
+
 #[async_trait]
 pub trait Catalog: Send + Sync {
     /// Stores a new enrolment token by the hash of its secret.
@@ -96,8 +119,20 @@ pub trait Catalog: Send + Sync {
     /// The ids, in the order given, that the blob index does not hold.
     async fn missing_blobs(&self, ids: &[Id]) -> Result<Vec<Id>>;
 
-    /// The ids, in the order given, that are neither indexed blobs nor recorded whole files.
-    async fn missing_objects(&self, ids: &[Id]) -> Result<Vec<Id>>;
+    /// The ids, in the order given, that are neither indexed chunks, complete trees nor
+    /// recorded whole files; those present are held for the device in the same step (see
+    /// `hold`). A tree whose closure is not known to be complete counts as missing: a
+    /// device told a tree exists relies on everything below it.
+    async fn missing_objects_held(
+        &self,
+        device_id: &str,
+        ids: &[Id],
+        now_ms: i64,
+    ) -> Result<Vec<Id>>;
+
+    /// Holds ids for a device's sync in progress: the collector keeps them (and what they
+    /// reach) until the device commits a snapshot or the hold expires.
+    async fn hold(&self, device_id: &str, ids: &[Id], now_ms: i64) -> Result<()>;
 
     /// Locations of the ids, aligned with the input (`None` for ids not indexed).
     async fn locate_blobs(&self, ids: &[Id]) -> Result<Vec<Option<BlobLocation>>>;
@@ -126,19 +161,98 @@ pub trait Catalog: Send + Sync {
 
     /// The trees, in the order given, not recorded as complete.
     async fn incomplete_trees(&self, trees: &[Id]) -> Result<Vec<Id>>;
+    /// Records, in one step, trees whose whole closure was verified and whole-file ids of
+    /// multi-chunk files whose chunks are all indexed.
+    async fn record_verified(&self, trees: &[Id], files: &[Id]) -> Result<()>;
 
-    async fn mark_tree_complete(&self, tree: Id) -> Result<()>;
-
-    /// Records whole-file ids whose chunks are all indexed.
-    async fn record_files(&self, files: &[Id]) -> Result<()>;
-
+    /// Records a snapshot and releases its device's holds, both or neither.
     async fn insert_snapshot(&self, snapshot: &SnapshotInfo) -> Result<()>;
+
+    /// Devices that have snapshots.
+    async fn snapshot_devices(&self) -> Result<Vec<String>>;
+
+    /// Deletes snapshots by id, never a pinned one; returns how many went.
+    async fn delete_snapshots(&self, ids: &[String]) -> Result<u64>;
+
+    /// Pins a snapshot with a reason, or unpins it with `None`; false if it does not exist.
+    async fn pin_snapshot(&self, id: &str, reason: Option<&str>) -> Result<bool>;
 
     /// A device's snapshots, oldest first.
     async fn device_snapshots(&self, device_id: &str) -> Result<Vec<SnapshotInfo>>;
 
     /// All snapshots ordered by id, after `after`.
     async fn snapshots_page(&self, after: Option<&str>, limit: u32) -> Result<Vec<SnapshotInfo>>;
+
+    // ---- garbage collection (protocol in gc.rs) ----
+
+    /// Takes or renews the collector's lease for `holder` until `now_ms + ttl_ms`. Returns
+    /// the other holder and its expiry when someone else holds an unexpired lease.
+    async fn gc_take_lease(
+        &self,
+        holder: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<Option<(String, i64)>>;
+
+    async fn gc_release_lease(&self, holder: &str) -> Result<()>;
+
+    /// Empties the mark set and purges holds taken before `hold_cutoff_ms`.
+    async fn gc_reset(&self, hold_cutoff_ms: i64) -> Result<()>;
+
+    /// The newest snapshot and hold sequence numbers now.
+    async fn gc_horizon(&self) -> Result<GcHorizon>;
+
+    /// `(seq, snapshot id, root)` of snapshots after `after_seq`, in sequence order.
+    async fn snapshot_roots_page(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, String, Id)>>;
+
+    /// `(seq, id)` of holds after `after_seq` taken at or after `cutoff_ms`.
+    async fn holds_page(
+        &self,
+        after_seq: i64,
+        cutoff_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, Id)>>;
+
+    /// Adds ids to the mark set; returns those not marked before, in the order given.
+    async fn gc_mark(&self, ids: &[Id]) -> Result<Vec<Id>>;
+
+    /// Forgets completeness of unmarked trees and unmarked whole files, unless a snapshot
+    /// or hold newer than `seen` exists.
+    async fn gc_drop_unmarked_assertions(&self, seen: GcHorizon) -> Result<Fenced<()>>;
+
+    /// Unmarked blobs after `after`, ordered by id: `(id, stored_len)`.
+    async fn gc_unmarked_blobs_page(&self, after: Option<Id>, limit: u32)
+    -> Result<Vec<(Id, u32)>>;
+
+    /// Deletes those of `ids` that are unmarked from the blob index, unless a snapshot or
+    /// hold newer than `seen` exists. Returns `(blobs, stored bytes)` deleted.
+    async fn gc_delete_unmarked(&self, ids: &[Id], seen: GcHorizon) -> Result<Fenced<(u64, u64)>>;
+
+    /// Packs after `after`, ordered by id, with what of them the index still points to.
+    async fn pack_usage_page(&self, after: Option<Id>, limit: u32) -> Result<Vec<PackUsage>>;
+
+    /// Points the index entries `moved` (written into the new pack `to`) away from `from`,
+    /// records `to`, and retires `from` if nothing points into it any more.
+    async fn gc_move_blobs(
+        &self,
+        from: Id,
+        to: &PackRecord,
+        moved: &[PackEntry],
+        now_ms: i64,
+    ) -> Result<()>;
+
+    /// Retires a pack nothing points into; false (and nothing changes) if something does.
+    async fn retire_pack(&self, pack: Id, now_ms: i64) -> Result<bool>;
+
+    /// Retired packs whose grace period ended: `(pack, volume)`.
+    async fn dead_packs_before(&self, before_ms: i64, limit: u32) -> Result<Vec<(Id, PathBuf)>>;
+
+    /// Forgets a retired pack once its file is gone.
+    async fn forget_dead_pack(&self, pack: Id) -> Result<()>;
 
     /// Finishes outstanding work and closes connections; call before the process exits.
     async fn close(&self);

@@ -23,6 +23,12 @@ pub fn rfc3339_ms(ms: i64) -> String {
     )
 }
 
+/// Milliseconds since the epoch of an RFC 3339 time; `None` if it is not one.
+pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+    let t = OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -32,5 +38,13 @@ mod tests {
             super::rfc3339_ms(1_795_000_000_123),
             "2026-11-18T11:06:40.123Z"
         );
+    }
+
+    #[test]
+    fn parses_what_it_formats() {
+        for ms in [0, 1_795_000_000_123] {
+            assert_eq!(super::parse_rfc3339_ms(&super::rfc3339_ms(ms)), Some(ms));
+        }
+        assert_eq!(super::parse_rfc3339_ms("yesterday"), None);
     }
 }

@@ -2,4 +2,6 @@
 
 pub mod check;
 pub mod enroll_token;
+pub mod gc;
 pub mod serve;
+pub mod snapshot;

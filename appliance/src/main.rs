@@ -5,7 +5,9 @@ mod catalog;
 mod clock;
 mod commands;
 mod config;
+mod gc;
 mod random;
+mod retention;
 mod snapshot;
 mod store;
 mod tls;
@@ -33,6 +35,10 @@ enum Command {
     EnrollToken(commands::enroll_token::Args),
     /// Verify every stored pack and snapshot; exit 1 if anything is damaged or missing.
     Check(commands::check::Args),
+    /// Apply retention and reclaim unreferenced data, while agents keep working.
+    Gc(commands::gc::Args),
+    /// Pin or unpin a snapshot against retention.
+    Snapshot(commands::snapshot::Args),
 }
 
 /// Exit status for failures (as opposed to `check` finding damage, which is 1).
@@ -67,6 +73,10 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Check(args) => commands::check::run(args).await,
+            Command::Gc(args) => commands::gc::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Snapshot(args) => commands::snapshot::run(args)
+                .await
+                .map(|()| ExitCode::SUCCESS),
         }
     });
     match result {

@@ -17,6 +17,32 @@ use crate::store::{PackStore, PackStoreError, with_codec};
 /// At most this many missing ids are reported back (and the walk stops there).
 pub const MAX_REPORTED_MISSING: usize = 100;
 
+/// Verified trees and files are written in batches of about this many: a write
+/// transaction per directory made a first commit cost thousands of fsyncs.
+const RECORD_BATCH: usize = 2000;
+
+/// Trees and whole files verified in this walk and not yet written to the catalog.
+#[derive(Default)]
+struct Verified {
+    trees: Vec<Id>,
+    files: Vec<Id>,
+}
+
+impl Verified {
+    fn len(&self) -> usize {
+        self.trees.len() + self.files.len()
+    }
+
+    async fn flush(&mut self, catalog: &Arc<dyn Catalog>) -> Result<(), CatalogError> {
+        if self.len() > 0 {
+            catalog.record_verified(&self.trees, &self.files).await?;
+            self.trees.clear();
+            self.files.clear();
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug)]
 pub enum Closure {
     Complete,
@@ -56,7 +82,8 @@ pub async fn verify_closure(catalog: &Arc<dyn Catalog>, root: Id) -> Result<Clos
     let mut failed: HashSet<Id> = HashSet::new();
     // Trees verified in this walk (their parents' frames were filtered before they were).
     let mut verified: HashSet<Id> = HashSet::new();
-    let Some(first) = load(catalog, root, &mut missing).await? else {
+    let mut pending = Verified::default();
+    let Some(first) = load(catalog, root, &mut missing, &mut pending).await? else {
         return Ok(Closure::Missing(vec![root]));
     };
     let mut stack = vec![first];
@@ -70,7 +97,7 @@ pub async fn verify_closure(catalog: &Arc<dyn Catalog>, root: Id) -> Result<Clos
             if verified.contains(&child) {
                 continue;
             }
-            match load(catalog, child, &mut missing).await? {
+            match load(catalog, child, &mut missing, &mut pending).await? {
                 Some(frame) => stack.push(frame),
                 None => {
                     note_missing(&mut missing, child);
@@ -82,7 +109,10 @@ pub async fn verify_closure(catalog: &Arc<dyn Catalog>, root: Id) -> Result<Clos
         } else {
             let Some(done) = stack.pop() else { break };
             if done.ok {
-                catalog.mark_tree_complete(done.tree).await?;
+                pending.trees.push(done.tree);
+                if pending.len() >= RECORD_BATCH {
+                    pending.flush(catalog).await?;
+                }
                 verified.insert(done.tree);
             } else {
                 failed.insert(done.tree);
@@ -92,6 +122,8 @@ pub async fn verify_closure(catalog: &Arc<dyn Catalog>, root: Id) -> Result<Clos
             }
         }
     }
+    // What was verified stays recorded even when the snapshot as a whole is incomplete.
+    pending.flush(catalog).await?;
     Ok(if missing.is_empty() {
         Closure::Complete
     } else {
@@ -110,6 +142,7 @@ async fn load(
     catalog: &Arc<dyn Catalog>,
     id: Id,
     missing: &mut Vec<Id>,
+    verified: &mut Verified,
 ) -> Result<Option<Frame>, ClosureError> {
     let Some(Some(loc)) = catalog.locate_blobs(&[id]).await?.into_iter().next() else {
         return Ok(None);
@@ -140,15 +173,12 @@ async fn load(
     }
     let ok = absent.is_empty();
     if ok {
-        let files: Vec<Id> = tree
-            .entries
-            .iter()
-            .filter_map(|e| match &e.content {
+        verified
+            .files
+            .extend(tree.entries.iter().filter_map(|e| match &e.content {
                 Content::Chunks { file, chunks } if chunks.len() > 1 => Some(*file),
                 _ => None,
-            })
-            .collect();
-        catalog.record_files(&files).await?;
+            }));
     }
     // Popped from the end: reverse so subtrees are visited in name order.
     subtrees.reverse();

@@ -31,6 +31,11 @@ pub enum PackStoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot delete pack {}: {source}; check the volume's permissions", path.display())]
+    Delete {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read pack {}: {source}", path.display())]
     Read {
         path: PathBuf,
@@ -120,7 +125,9 @@ impl PackStore {
             path: path.into(),
             source,
         })?;
-        read_range_from(&file, path, offset, len)
+        let mut buf = Vec::new();
+        read_range_into(&file, path, offset, len, &mut buf)?;
+        Ok(buf)
     }
 
     /// Reads a blob and opens it (decompress + verify against its id).
@@ -142,19 +149,25 @@ impl PackStore {
     }
 }
 
-pub fn read_range_from(
+/// Appends `len` bytes read at `offset` of an open pack file to `out`; on error `out` is
+/// left as it was.
+pub fn read_range_into(
     file: &std::fs::File,
     path: &Path,
     offset: u64,
     len: u32,
-) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; len as usize];
-    file.read_exact_at(&mut buf, offset)
-        .map_err(|source| PackStoreError::Read {
-            path: path.into(),
-            source,
-        })?;
-    Ok(buf)
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let start = out.len();
+    out.resize(start + len as usize, 0);
+    file.read_exact_at(&mut out[start..], offset)
+        .map_err(|source| {
+            out.truncate(start);
+            PackStoreError::Read {
+                path: path.into(),
+                source,
+            }
+        })
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -89,6 +89,9 @@ pub struct SnapshotInfo {
     pub reason: String,
     #[serde(flatten)]
     pub stats: SnapshotStats,
+    /// Why the snapshot is exempt from retention, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
 }
 
 /// Error body of every non-2xx answer.
@@ -182,10 +185,12 @@ mod tests {
                 bytes: 10,
                 ..Default::default()
             },
+            pinned: None,
         };
         let v: serde_json::Value = serde_json::to_value(&s).unwrap();
         assert_eq!(v["files"], 3);
         assert_eq!(v["bytes"], 10);
+        assert!(v.get("pinned").is_none());
     }
 }
 

@@ -197,6 +197,7 @@ mod tests {
             created: "2026-01-01T00:00:00Z".into(),
             reason: "manual".into(),
             stats: Default::default(),
+            pinned: None,
         }
     }
 

@@ -10,15 +10,19 @@ use morgana_core::Id;
 use morgana_core::pack::{BlobKind, Compression, PackEntry};
 use morgana_core::wire::{SnapshotInfo, SnapshotStats};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    Sqlite, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool,
+    SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{BlobLocation, Catalog, CatalogError, Device, PackRecord, Result};
+use super::{
+    BlobLocation, Catalog, CatalogError, Device, Fenced, GcHorizon, PackRecord, PackUsage, Result,
+};
 
 /// Ids per `IN (…)` lookup: far below SQLite's variable limit, large enough to amortise.
 const BATCH: usize = 500;
+/// Rows per multi-row INSERT of 7 columns: under SQLite's 32,766-variable limit.
+const INSERT_ROWS: usize = 1000;
 
 pub struct SqliteCatalog {
     pool: SqlitePool,
@@ -126,11 +130,12 @@ fn snapshot_from_row(row: &SqliteRow) -> Result<SnapshotInfo> {
             bytes_sent: u64_col(row, "bytes_sent")?,
             new_chunks: u64_col(row, "new_chunks")?,
         },
+        pinned: row.try_get("pinned").map_err(q("reading a row"))?,
     })
 }
 
 const SNAPSHOT_COLUMNS: &str =
-    "id, device_id, root, created, reason, files, dirs, bytes, bytes_sent, new_chunks";
+    "id, device_id, root, created, reason, files, dirs, bytes, bytes_sent, new_chunks, pinned";
 
 impl SqliteCatalog {
     /// Opens (and with `create`, creates) the catalog file and applies pending migrations.
@@ -143,6 +148,10 @@ impl SqliteCatalog {
             .synchronous(SqliteSynchronous::Full)
             // Other processes (`enroll-token`, `check`) write beside the server.
             .busy_timeout(Duration::from_secs(30))
+            // Each write in WAL mode invalidates the other pooled connections' page caches;
+            // reading through a shared mapping makes refilling them a page-table walk rather
+            // than a copy per page. It is the OS page cache, so it does not pin memory.
+            .pragma("mmap_size", "268435456")
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
@@ -162,43 +171,172 @@ impl SqliteCatalog {
         Ok(SqliteCatalog { pool })
     }
 
-    /// The subset of `ids` present in `table`'s `id` column(s), for one batch.
-    async fn present(
-        &self,
-        tables: &[&str],
-        ids: &[Id],
-        doing: &'static str,
-    ) -> Result<HashSet<Id>> {
-        let marks = placeholders(ids.len());
-        let sql = tables
-            .iter()
-            .map(|t| format!("SELECT id FROM {t} WHERE id IN ({marks})"))
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ");
-        // Only placeholders and fixed table names are spliced in; ids are bound.
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for _ in tables {
-            for id in ids {
-                query = query.bind(id.0.to_vec());
-            }
-        }
-        let rows = query.fetch_all(&self.pool).await.map_err(q(doing))?;
-        rows.iter().map(|r| id_col(r, "id", "id")).collect()
-    }
-
     async fn missing_in(
         &self,
         tables: &[&str],
         ids: &[Id],
         doing: &'static str,
     ) -> Result<Vec<Id>> {
+        let mut conn = self.pool.acquire().await.map_err(q(doing))?;
         let mut out = Vec::new();
         for batch in ids.chunks(BATCH) {
-            let present = self.present(tables, batch, doing).await?;
+            let present = present(&mut conn, tables, batch, doing).await?;
             out.extend(batch.iter().filter(|id| !present.contains(id)));
         }
         Ok(out)
     }
+
+    async fn write_tx(&self, doing: &'static str) -> Result<sqlx::Transaction<'_, Sqlite>> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(q(doing))
+    }
+}
+
+/// The subset of `ids` present in the `id` column of any of `tables`, for one batch.
+async fn present(
+    conn: &mut SqliteConnection,
+    tables: &[&str],
+    ids: &[Id],
+    doing: &'static str,
+) -> Result<HashSet<Id>> {
+    let marks = placeholders(ids.len());
+    let sql = tables
+        .iter()
+        .map(|t| format!("SELECT id FROM {t} WHERE id IN ({marks})"))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    // Only placeholders and fixed table names are spliced in; ids are bound.
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for _ in tables {
+        for id in ids {
+            query = query.bind(id.0.to_vec());
+        }
+    }
+    let rows = query.fetch_all(&mut *conn).await.map_err(q(doing))?;
+    rows.iter().map(|r| id_col(r, "id", "id")).collect()
+}
+
+/// Inserts one-column id rows, `INSERT OR IGNORE`, in multi-row statements.
+async fn insert_ids(
+    conn: &mut SqliteConnection,
+    table: &str,
+    ids: &[Id],
+    doing: &'static str,
+) -> Result<u64> {
+    let mut inserted = 0;
+    for rows in ids.chunks(INSERT_ROWS) {
+        let sql = format!(
+            "INSERT OR IGNORE INTO {table} (id) VALUES {}",
+            vec!["(?)"; rows.len()].join(", ")
+        );
+        // Only placeholders and fixed table names are spliced in; ids are bound.
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for id in rows {
+            query = query.bind(id.0.to_vec());
+        }
+        inserted += query
+            .execute(&mut *conn)
+            .await
+            .map_err(q(doing))?
+            .rows_affected();
+    }
+    Ok(inserted)
+}
+
+async fn insert_holds(
+    conn: &mut SqliteConnection,
+    device_id: &str,
+    ids: &[Id],
+    now_ms: i64,
+) -> Result<()> {
+    const DOING: &str = "holding blobs for a sync";
+    for rows in ids.chunks(INSERT_ROWS) {
+        let sql = format!(
+            "INSERT INTO holds (device_id, id, held_at) VALUES {}",
+            vec!["(?, ?, ?)"; rows.len()].join(", ")
+        );
+        // Only placeholders are spliced in; every value is bound.
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for id in rows {
+            query = query.bind(device_id).bind(id.0.to_vec()).bind(now_ms);
+        }
+        query.execute(&mut *conn).await.map_err(q(DOING))?;
+    }
+    Ok(())
+}
+
+async fn insert_pack_row(
+    conn: &mut SqliteConnection,
+    pack: &PackRecord,
+    doing: &'static str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT OR IGNORE INTO packs (id, volume, size, blob_count, created) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(pack.id.0.to_vec())
+    .bind(pack.volume.to_string_lossy().into_owned())
+    .bind(pack.size as i64)
+    .bind(pack.blob_count as i64)
+    .bind(&pack.created)
+    .execute(&mut *conn)
+    .await
+    .map_err(q(doing))?;
+    Ok(())
+}
+
+/// Moves a pack nothing points into from `packs` to `dead_packs`; false if something does.
+async fn retire_if_unused(
+    conn: &mut SqliteConnection,
+    pack: Id,
+    now_ms: i64,
+    doing: &'static str,
+) -> Result<bool> {
+    let used = sqlx::query("SELECT 1 FROM blobs WHERE pack = ? LIMIT 1")
+        .bind(pack.0.to_vec())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(q(doing))?;
+    if used.is_some() {
+        return Ok(false);
+    }
+    let done = sqlx::query(
+        "INSERT OR IGNORE INTO dead_packs (id, volume, dead_since) \
+         SELECT id, volume, ? FROM packs WHERE id = ?",
+    )
+    .bind(now_ms)
+    .bind(pack.0.to_vec())
+    .execute(&mut *conn)
+    .await
+    .map_err(q(doing))?;
+    sqlx::query("DELETE FROM packs WHERE id = ?")
+        .bind(pack.0.to_vec())
+        .execute(&mut *conn)
+        .await
+        .map_err(q(doing))?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The collector's fence: the horizon now, if it moved past `seen`.
+async fn moved_horizon(conn: &mut SqliteConnection, seen: GcHorizon) -> Result<Option<GcHorizon>> {
+    let now = horizon(conn).await?;
+    Ok((now.snapshot_seq > seen.snapshot_seq || now.hold_seq > seen.hold_seq).then_some(now))
+}
+
+async fn horizon(conn: &mut SqliteConnection) -> Result<GcHorizon> {
+    const DOING: &str = "reading the newest snapshot and hold";
+    let row = sqlx::query(
+        "SELECT (SELECT COALESCE(MAX(seq), 0) FROM snapshots) AS s, \
+                (SELECT COALESCE(MAX(seq), 0) FROM holds) AS h",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(q(DOING))?;
+    Ok(GcHorizon {
+        snapshot_seq: row.try_get("s").map_err(q(DOING))?,
+        hold_seq: row.try_get("h").map_err(q(DOING))?,
+    })
 }
 
 #[async_trait]
@@ -278,9 +416,44 @@ impl Catalog for SqliteCatalog {
         self.missing_in(&["blobs"], ids, "looking up blobs").await
     }
 
-    async fn missing_objects(&self, ids: &[Id]) -> Result<Vec<Id>> {
-        self.missing_in(&["blobs", "files"], ids, "looking up blobs and files")
-            .await
+    async fn missing_objects_held(
+        &self,
+        device_id: &str,
+        ids: &[Id],
+        now_ms: i64,
+    ) -> Result<Vec<Id>> {
+        const DOING: &str = "looking up and holding chunks, trees and files";
+        // A write transaction from the start: the collector deletes only in write
+        // transactions, so what is found present here is held before it could go.
+        let mut tx = self.write_tx(DOING).await?;
+        let mut missing = Vec::new();
+        let mut found = Vec::new();
+        for batch in ids.chunks(BATCH) {
+            let present = present(
+                &mut tx,
+                &["chunks", "complete_trees", "files"],
+                batch,
+                DOING,
+            )
+            .await?;
+            for id in batch {
+                if present.contains(id) {
+                    found.push(*id);
+                } else {
+                    missing.push(*id);
+                }
+            }
+        }
+        insert_holds(&mut tx, device_id, &found, now_ms).await?;
+        tx.commit().await.map_err(q(DOING))?;
+        Ok(missing)
+    }
+
+    async fn hold(&self, device_id: &str, ids: &[Id], now_ms: i64) -> Result<()> {
+        const DOING: &str = "holding blobs for a sync";
+        let mut tx = self.write_tx(DOING).await?;
+        insert_holds(&mut tx, device_id, ids, now_ms).await?;
+        tx.commit().await.map_err(q(DOING))
     }
 
     async fn locate_blobs(&self, ids: &[Id]) -> Result<Vec<Option<BlobLocation>>> {
@@ -325,32 +498,27 @@ impl Catalog for SqliteCatalog {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(q(DOING))?;
-        sqlx::query(
-            "INSERT OR IGNORE INTO packs (id, volume, size, blob_count, created) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(pack.id.0.to_vec())
-        .bind(pack.volume.to_string_lossy().into_owned())
-        .bind(pack.size as i64)
-        .bind(pack.blob_count as i64)
-        .bind(&pack.created)
-        .execute(&mut *tx)
-        .await
-        .map_err(q(DOING))?;
-        for e in entries {
-            sqlx::query(
-                "INSERT OR IGNORE INTO blobs (id, pack, kind, compression, offset, stored_len, raw_len) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(e.id.0.to_vec())
-            .bind(pack.id.0.to_vec())
-            .bind(e.kind as i64)
-            .bind(e.compression as i64)
-            .bind(e.offset as i64)
-            .bind(i64::from(e.stored_len))
-            .bind(i64::from(e.raw_len))
-            .execute(&mut *tx)
-            .await
-            .map_err(q(DOING))?;
+        insert_pack_row(&mut tx, pack, DOING).await?;
+        // Multi-row inserts: one statement per row costs a round trip to sqlx's worker
+        // thread each, which dominated the server's CPU during a first sync.
+        for rows in entries.chunks(INSERT_ROWS) {
+            let sql = format!(
+                "INSERT OR IGNORE INTO blobs (id, pack, kind, compression, offset, stored_len, raw_len) VALUES {}",
+                vec!["(?, ?, ?, ?, ?, ?, ?)"; rows.len()].join(", ")
+            );
+            // Only placeholders are spliced in; every value is bound.
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for e in rows {
+                query = query
+                    .bind(e.id.0.to_vec())
+                    .bind(pack.id.0.to_vec())
+                    .bind(e.kind as i64)
+                    .bind(e.compression as i64)
+                    .bind(e.offset as i64)
+                    .bind(i64::from(e.stored_len))
+                    .bind(i64::from(e.raw_len));
+            }
+            query.execute(&mut *tx).await.map_err(q(DOING))?;
         }
         tx.commit().await.map_err(q(DOING))?;
         Ok(())
@@ -424,40 +592,21 @@ impl Catalog for SqliteCatalog {
             .await
     }
 
-    async fn mark_tree_complete(&self, tree: Id) -> Result<()> {
-        sqlx::query("INSERT OR IGNORE INTO complete_trees (id) VALUES (?)")
-            .bind(tree.0.to_vec())
-            .execute(&self.pool)
-            .await
-            .map_err(q("recording a verified tree"))?;
-        Ok(())
-    }
-
-    async fn record_files(&self, files: &[Id]) -> Result<()> {
-        if files.is_empty() {
-            return Ok(());
-        }
-        const DOING: &str = "recording whole-file ids";
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(q(DOING))?;
-        for f in files {
-            sqlx::query("INSERT OR IGNORE INTO files (id) VALUES (?)")
-                .bind(f.0.to_vec())
-                .execute(&mut *tx)
-                .await
-                .map_err(q(DOING))?;
-        }
+    async fn record_verified(&self, trees: &[Id], files: &[Id]) -> Result<()> {
+        const DOING: &str = "recording verified trees and files";
+        let mut tx = self.write_tx(DOING).await?;
+        insert_ids(&mut tx, "complete_trees", trees, DOING).await?;
+        insert_ids(&mut tx, "files", files, DOING).await?;
         tx.commit().await.map_err(q(DOING))?;
         Ok(())
     }
 
     async fn insert_snapshot(&self, s: &SnapshotInfo) -> Result<()> {
+        const DOING: &str = "recording a snapshot";
+        let mut tx = self.write_tx(DOING).await?;
         sqlx::query(
             "INSERT INTO snapshots (id, device_id, root, created, reason, files, dirs, bytes, bytes_sent, \
-             new_chunks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             new_chunks, pinned) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&s.id)
         .bind(&s.device_id)
@@ -469,10 +618,64 @@ impl Catalog for SqliteCatalog {
         .bind(s.stats.bytes as i64)
         .bind(s.stats.bytes_sent as i64)
         .bind(s.stats.new_chunks as i64)
-        .execute(&self.pool)
+        .bind(&s.pinned)
+        .execute(&mut *tx)
         .await
-        .map_err(q("recording a snapshot"))?;
-        Ok(())
+        .map_err(q(DOING))?;
+        // The snapshot now keeps what the holds kept.
+        sqlx::query("DELETE FROM holds WHERE device_id = ?")
+            .bind(&s.device_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(q(DOING))?;
+        tx.commit().await.map_err(q(DOING))
+    }
+
+    async fn snapshot_devices(&self) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT DISTINCT device_id FROM snapshots ORDER BY device_id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("listing devices with snapshots"))?;
+        rows.iter()
+            .map(|r| {
+                r.try_get("device_id")
+                    .map_err(q("listing devices with snapshots"))
+            })
+            .collect()
+    }
+
+    async fn delete_snapshots(&self, ids: &[String]) -> Result<u64> {
+        const DOING: &str = "deleting snapshots";
+        let mut tx = self.write_tx(DOING).await?;
+        let mut deleted = 0;
+        for batch in ids.chunks(BATCH) {
+            let sql = format!(
+                "DELETE FROM snapshots WHERE pinned IS NULL AND id IN ({})",
+                placeholders(batch.len())
+            );
+            // Only placeholders are spliced in; ids are bound.
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for id in batch {
+                query = query.bind(id);
+            }
+            deleted += query
+                .execute(&mut *tx)
+                .await
+                .map_err(q(DOING))?
+                .rows_affected();
+        }
+        tx.commit().await.map_err(q(DOING))?;
+        Ok(deleted)
+    }
+
+    async fn pin_snapshot(&self, id: &str, reason: Option<&str>) -> Result<bool> {
+        let done = sqlx::query("UPDATE snapshots SET pinned = ? WHERE id = ?")
+            .bind(reason)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("pinning a snapshot"))?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn device_snapshots(&self, device_id: &str) -> Result<Vec<SnapshotInfo>> {
@@ -484,6 +687,300 @@ impl Catalog for SqliteCatalog {
             .await
             .map_err(q("listing a device's snapshots"))?;
         rows.iter().map(snapshot_from_row).collect()
+    }
+
+    async fn gc_take_lease(
+        &self,
+        holder: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<Option<(String, i64)>> {
+        const DOING: &str = "taking the collector's lease";
+        let mut tx = self.write_tx(DOING).await?;
+        let current = sqlx::query("SELECT holder, expires_at FROM gc_lease WHERE one = 1")
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(q(DOING))?;
+        if let Some(row) = current {
+            let other: String = row.try_get("holder").map_err(q(DOING))?;
+            let expires: i64 = row.try_get("expires_at").map_err(q(DOING))?;
+            if other != holder && expires > now_ms {
+                return Ok(Some((other, expires)));
+            }
+        }
+        sqlx::query("INSERT OR REPLACE INTO gc_lease (one, holder, expires_at) VALUES (1, ?, ?)")
+            .bind(holder)
+            .bind(now_ms.saturating_add(ttl_ms))
+            .execute(&mut *tx)
+            .await
+            .map_err(q(DOING))?;
+        tx.commit().await.map_err(q(DOING))?;
+        Ok(None)
+    }
+
+    async fn gc_release_lease(&self, holder: &str) -> Result<()> {
+        sqlx::query("DELETE FROM gc_lease WHERE one = 1 AND holder = ?")
+            .bind(holder)
+            .execute(&self.pool)
+            .await
+            .map_err(q("releasing the collector's lease"))?;
+        Ok(())
+    }
+
+    async fn gc_reset(&self, hold_cutoff_ms: i64) -> Result<()> {
+        const DOING: &str = "starting a collection";
+        let mut tx = self.write_tx(DOING).await?;
+        sqlx::query("DELETE FROM gc_live")
+            .execute(&mut *tx)
+            .await
+            .map_err(q(DOING))?;
+        sqlx::query("DELETE FROM holds WHERE held_at < ?")
+            .bind(hold_cutoff_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(q(DOING))?;
+        tx.commit().await.map_err(q(DOING))
+    }
+
+    async fn gc_horizon(&self) -> Result<GcHorizon> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(q("reading the newest snapshot and hold"))?;
+        horizon(&mut conn).await
+    }
+
+    async fn snapshot_roots_page(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, String, Id)>> {
+        const DOING: &str = "listing snapshot roots";
+        let rows =
+            sqlx::query("SELECT seq, id, root FROM snapshots WHERE seq > ? ORDER BY seq LIMIT ?")
+                .bind(after_seq)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q(DOING))?;
+        rows.iter()
+            .map(|r| {
+                let seq: i64 = r.try_get("seq").map_err(q(DOING))?;
+                let id: String = r.try_get("id").map_err(q(DOING))?;
+                Ok((seq, id, id_col(r, "root", "snapshot record")?))
+            })
+            .collect()
+    }
+
+    async fn holds_page(
+        &self,
+        after_seq: i64,
+        cutoff_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, Id)>> {
+        let rows = sqlx::query(
+            "SELECT seq, id FROM holds WHERE seq > ? AND held_at >= ? ORDER BY seq LIMIT ?",
+        )
+        .bind(after_seq)
+        .bind(cutoff_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("listing holds"))?;
+        rows.iter()
+            .map(|r| {
+                let seq: i64 = r.try_get("seq").map_err(q("listing holds"))?;
+                Ok((seq, id_col(r, "id", "hold")?))
+            })
+            .collect()
+    }
+
+    async fn gc_mark(&self, ids: &[Id]) -> Result<Vec<Id>> {
+        const DOING: &str = "marking live blobs";
+        let mut tx = self.write_tx(DOING).await?;
+        let mut fresh = Vec::new();
+        for batch in ids.chunks(BATCH) {
+            let known = present(&mut tx, &["gc_live"], batch, DOING).await?;
+            let mut seen = HashSet::new();
+            fresh.extend(
+                batch
+                    .iter()
+                    .filter(|id| !known.contains(*id) && seen.insert(**id)),
+            );
+        }
+        insert_ids(&mut tx, "gc_live", &fresh, DOING).await?;
+        tx.commit().await.map_err(q(DOING))?;
+        Ok(fresh)
+    }
+
+    async fn gc_drop_unmarked_assertions(&self, seen: GcHorizon) -> Result<Fenced<()>> {
+        const DOING: &str = "forgetting completeness of unreferenced trees and files";
+        let mut tx = self.write_tx(DOING).await?;
+        if let Some(now) = moved_horizon(&mut tx, seen).await? {
+            return Ok(Fenced::NewRoots(now));
+        }
+        for table in ["complete_trees", "files"] {
+            let sql = format!("DELETE FROM {table} WHERE id NOT IN (SELECT id FROM gc_live)");
+            // Fixed table names only.
+            sqlx::query(AssertSqlSafe(sql))
+                .execute(&mut *tx)
+                .await
+                .map_err(q(DOING))?;
+        }
+        tx.commit().await.map_err(q(DOING))?;
+        Ok(Fenced::Done(()))
+    }
+
+    async fn gc_unmarked_blobs_page(
+        &self,
+        after: Option<Id>,
+        limit: u32,
+    ) -> Result<Vec<(Id, u32)>> {
+        const DOING: &str = "listing unreferenced blobs";
+        let rows = sqlx::query(
+            "SELECT id, stored_len FROM blobs WHERE id > ? \
+             AND id NOT IN (SELECT id FROM gc_live) ORDER BY id LIMIT ?",
+        )
+        .bind(after.map(|a| a.0.to_vec()).unwrap_or_default())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q(DOING))?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    id_col(r, "id", "blob index entry")?,
+                    u32_col(r, "stored_len", "blob index entry")?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn gc_delete_unmarked(&self, ids: &[Id], seen: GcHorizon) -> Result<Fenced<(u64, u64)>> {
+        const DOING: &str = "deleting unreferenced blobs";
+        let mut tx = self.write_tx(DOING).await?;
+        if let Some(now) = moved_horizon(&mut tx, seen).await? {
+            return Ok(Fenced::NewRoots(now));
+        }
+        let (mut blobs, mut bytes) = (0, 0);
+        for batch in ids.chunks(BATCH) {
+            let marks = placeholders(batch.len());
+            let bind = |sql: String| {
+                // Only placeholders are spliced in; ids are bound.
+                let mut query = sqlx::query(AssertSqlSafe(sql));
+                for id in batch {
+                    query = query.bind(id.0.to_vec());
+                }
+                query
+            };
+            let row = bind(format!(
+                "SELECT COUNT(*) AS n, COALESCE(SUM(stored_len), 0) AS b FROM blobs \
+                 WHERE id IN ({marks}) AND id NOT IN (SELECT id FROM gc_live)"
+            ))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(q(DOING))?;
+            blobs += u64_col(&row, "n")?;
+            bytes += u64_col(&row, "b")?;
+            bind(format!(
+                "DELETE FROM blobs WHERE id IN ({marks}) AND id NOT IN (SELECT id FROM gc_live)"
+            ))
+            .execute(&mut *tx)
+            .await
+            .map_err(q(DOING))?;
+            bind(format!(
+                "DELETE FROM complete_trees WHERE id IN ({marks}) AND id NOT IN (SELECT id FROM gc_live)"
+            ))
+            .execute(&mut *tx)
+            .await
+            .map_err(q(DOING))?;
+        }
+        tx.commit().await.map_err(q(DOING))?;
+        Ok(Fenced::Done((blobs, bytes)))
+    }
+
+    async fn pack_usage_page(&self, after: Option<Id>, limit: u32) -> Result<Vec<PackUsage>> {
+        const DOING: &str = "measuring pack usage";
+        let rows = sqlx::query(
+            "SELECT p.id, p.volume, p.size, p.blob_count, p.created, \
+             (SELECT COUNT(*) FROM blobs b WHERE b.pack = p.id) AS live_blobs, \
+             (SELECT COALESCE(SUM(stored_len), 0) FROM blobs b WHERE b.pack = p.id) AS live_bytes \
+             FROM packs p WHERE p.id > ? ORDER BY p.id LIMIT ?",
+        )
+        .bind(after.map(|a| a.0.to_vec()).unwrap_or_default())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q(DOING))?;
+        rows.iter()
+            .map(|r| {
+                Ok(PackUsage {
+                    pack: pack_from_row(r)?,
+                    live_blobs: u64_col(r, "live_blobs")?,
+                    live_bytes: u64_col(r, "live_bytes")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn gc_move_blobs(
+        &self,
+        from: Id,
+        to: &PackRecord,
+        moved: &[PackEntry],
+        now_ms: i64,
+    ) -> Result<()> {
+        const DOING: &str = "moving blobs to a new pack";
+        let mut tx = self.write_tx(DOING).await?;
+        insert_pack_row(&mut tx, to, DOING).await?;
+        for e in moved {
+            sqlx::query("UPDATE blobs SET pack = ?, offset = ? WHERE id = ? AND pack = ?")
+                .bind(to.id.0.to_vec())
+                .bind(e.offset as i64)
+                .bind(e.id.0.to_vec())
+                .bind(from.0.to_vec())
+                .execute(&mut *tx)
+                .await
+                .map_err(q(DOING))?;
+        }
+        retire_if_unused(&mut tx, from, now_ms, DOING).await?;
+        tx.commit().await.map_err(q(DOING))
+    }
+
+    async fn retire_pack(&self, pack: Id, now_ms: i64) -> Result<bool> {
+        const DOING: &str = "retiring an empty pack";
+        let mut tx = self.write_tx(DOING).await?;
+        let retired = retire_if_unused(&mut tx, pack, now_ms, DOING).await?;
+        tx.commit().await.map_err(q(DOING))?;
+        Ok(retired)
+    }
+
+    async fn dead_packs_before(&self, before_ms: i64, limit: u32) -> Result<Vec<(Id, PathBuf)>> {
+        const DOING: &str = "listing retired packs";
+        let rows = sqlx::query(
+            "SELECT id, volume FROM dead_packs WHERE dead_since <= ? ORDER BY id LIMIT ?",
+        )
+        .bind(before_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q(DOING))?;
+        rows.iter()
+            .map(|r| {
+                let volume: String = r.try_get("volume").map_err(q(DOING))?;
+                Ok((id_col(r, "id", "retired pack")?, PathBuf::from(volume)))
+            })
+            .collect()
+    }
+
+    async fn forget_dead_pack(&self, pack: Id) -> Result<()> {
+        sqlx::query("DELETE FROM dead_packs WHERE id = ?")
+            .bind(pack.0.to_vec())
+            .execute(&self.pool)
+            .await
+            .map_err(q("forgetting a retired pack"))?;
+        Ok(())
     }
 
     async fn close(&self) {
@@ -602,11 +1099,24 @@ mod tests {
 
         let file = Id::of(b"whole file");
         assert_eq!(
-            cat.missing_objects(&[file, entries[3].id]).await.unwrap(),
+            cat.missing_objects_held("dev1", &[file, entries[3].id], 5)
+                .await
+                .unwrap(),
             vec![file]
         );
-        cat.record_files(&[file]).await.unwrap();
-        assert!(cat.missing_objects(&[file]).await.unwrap().is_empty());
+        cat.record_verified(&[], &[file]).await.unwrap();
+        assert!(
+            cat.missing_objects_held("dev1", &[file], 6)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // What was found present is held for the device, in order.
+        let holds = cat.holds_page(0, 0, 10).await.unwrap();
+        assert_eq!(
+            holds.iter().map(|h| h.1).collect::<Vec<_>>(),
+            vec![entries[3].id, file]
+        );
         assert_eq!(cat.missing_blobs(&[file]).await.unwrap(), vec![file]);
 
         let located = cat
@@ -636,8 +1146,8 @@ mod tests {
 
         let tree = Id::of(b"tree");
         assert!(!cat.tree_complete(tree).await.unwrap());
-        cat.mark_tree_complete(tree).await.unwrap();
-        cat.mark_tree_complete(tree).await.unwrap();
+        cat.record_verified(&[tree], &[]).await.unwrap();
+        cat.record_verified(&[tree], &[]).await.unwrap();
         assert!(cat.tree_complete(tree).await.unwrap());
         let other = Id::of(b"other tree");
         assert_eq!(
@@ -662,6 +1172,7 @@ mod tests {
                 bytes_sent: 4,
                 new_chunks: 5,
             },
+            pinned: None,
         };
         // Listing is in commit order even if ids were to sort differently.
         cat.insert_snapshot(&snap("b")).await.unwrap();

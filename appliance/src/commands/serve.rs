@@ -3,13 +3,15 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::api::{self, AppState};
 use crate::catalog::{Catalog, SqliteCatalog};
+use crate::commands::enroll_token::parse_duration;
 use crate::config::{DEFAULT_DATA_DIR, DEFAULT_LISTEN, DataDir};
 use crate::store::PackStore;
 use crate::tls::{self, Pki};
@@ -26,6 +28,23 @@ pub struct Args {
     /// most free space). Default: <data-dir>/volumes/default.
     #[arg(long = "volume", value_name = "DIR")]
     pub volumes: Vec<PathBuf>,
+    /// Run garbage collection this often, or `off`.
+    #[arg(long, value_name = "DURATION|off", env = "MORGANA_GC_EVERY", default_value = "24h", value_parser = parse_every)]
+    pub gc_every: Every,
+    #[command(flatten)]
+    pub gc: crate::commands::gc::Tuning,
+}
+
+/// An interval, or none (`off`).
+#[derive(Clone, Copy, Debug)]
+pub struct Every(pub Option<Duration>);
+
+fn parse_every(s: &str) -> Result<Every, String> {
+    if s == "off" {
+        Ok(Every(None))
+    } else {
+        parse_duration(s).map(|d| Every(Some(d)))
+    }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -55,7 +74,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     info!(data_dir = %data.root().display(), volumes = ?store.volumes(), "appliance ready");
 
     let catalog: Arc<dyn Catalog> = Arc::new(catalog);
-    let state = AppState::new(catalog.clone(), Arc::new(store), Arc::new(pki));
+    let store = Arc::new(store);
+    let state = AppState::new(catalog.clone(), store.clone(), Arc::new(pki));
+    if let Every(Some(every)) = args.gc_every {
+        let options = args.gc.options(false);
+        let catalog = catalog.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                if let Err(e) = crate::gc::run(&catalog, &store, &options).await {
+                    warn!(error = %e, "scheduled garbage collection failed; it runs again at the next interval");
+                }
+            }
+        });
+    }
     {
         // Tests and supervisors read this one line to learn the port.
         let mut out = std::io::stdout().lock();
