@@ -262,6 +262,14 @@ impl Agent {
     }
 }
 
+/// The usual start: an appliance in `tmp/appliance` and one agent enrolled for `root`
+/// with its state in `tmp/state`.
+pub fn one_device(tmp: &Path, root: &Path) -> Result<(Appliance, Agent)> {
+    let appliance = Appliance::start(&tmp.join("appliance"))?;
+    let agent = Agent::enroll(&appliance, root, &tmp.join("state"))?;
+    Ok((appliance, agent))
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

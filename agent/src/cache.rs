@@ -20,7 +20,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use morgana_core::Id;
-use morgana_core::tree::{Content, Entry, INLINE_MAX};
+use morgana_core::tree::{Content, Entry};
 use morgana_core::varint::{self, ReadError, Reader};
 
 const MAGIC: &[u8; 8] = b"MGFCACH1";
@@ -204,21 +204,13 @@ fn decode_record(body: &[u8]) -> Result<DirRecord, ReadError> {
             ino: r.varint("inode")?,
             dev: r.varint("device")?,
         };
-        let content = match r.u8("content tag")? {
-            0 => Content::None,
-            1 => Content::Inline(r.bytes(INLINE_MAX as usize, "inline data")?.to_vec()),
-            2 => {
-                let file = r.id("file id")?;
-                let count = r.varint("chunk count")?;
-                if count == 0 || count > (r.remaining() / Id::LEN) as u64 {
-                    return Err(ReadError::Truncated("chunk ids"));
-                }
-                let chunks = (0..count)
-                    .map(|_| r.id("chunk id"))
-                    .collect::<Result<_, _>>()?;
-                Content::Chunks { file, chunks }
+        // Only regular files are recorded, and a chunked one has at least one chunk.
+        let content = match Content::decode_from(&mut r)? {
+            Some(Content::Chunks { chunks, .. }) if chunks.is_empty() => {
+                return Err(ReadError::Truncated("chunk ids"));
             }
-            _ => return Err(ReadError::Truncated("content tag")),
+            Some(c @ (Content::None | Content::Inline(_) | Content::Chunks { .. })) => c,
+            Some(Content::Tree(_)) | None => return Err(ReadError::Truncated("content")),
         };
         files.push(CachedFile { name, key, content });
     }
@@ -303,21 +295,7 @@ impl CacheWriter {
             b.extend_from_slice(&key.ctime_ns.to_le_bytes());
             varint::put(&mut b, key.ino);
             varint::put(&mut b, key.dev);
-            match &e.content {
-                Content::Inline(data) => {
-                    b.push(1);
-                    varint::put_bytes(&mut b, data);
-                }
-                Content::Chunks { file, chunks } => {
-                    b.push(2);
-                    b.extend_from_slice(&file.0);
-                    varint::put(&mut b, chunks.len() as u64);
-                    for c in chunks {
-                        b.extend_from_slice(&c.0);
-                    }
-                }
-                Content::None | Content::Tree(_) => b.push(0),
-            }
+            e.content.encode_into(&mut b);
         }
         self.frame(b)
     }

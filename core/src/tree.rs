@@ -116,6 +116,51 @@ fn lossy(name: &[u8]) -> String {
     String::from_utf8_lossy(name).into_owned()
 }
 
+impl Content {
+    /// Appends the content as trees encode it (FORMAT.md): a tag byte, then its payload.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        match self {
+            Content::None => out.push(0),
+            Content::Inline(data) => {
+                out.push(1);
+                varint::put_bytes(out, data);
+            }
+            Content::Chunks { file, chunks } => {
+                out.push(2);
+                out.extend_from_slice(&file.0);
+                varint::put(out, chunks.len() as u64);
+                for c in chunks {
+                    out.extend_from_slice(&c.0);
+                }
+            }
+            Content::Tree(id) => {
+                out.push(3);
+                out.extend_from_slice(&id.0);
+            }
+        }
+    }
+
+    /// Reads what [`Content::encode_into`] wrote; `None` for an unknown tag. Whether the
+    /// content fits its entry is the caller's to judge.
+    pub fn decode_from(r: &mut Reader<'_>) -> Result<Option<Content>, ReadError> {
+        Ok(Some(match r.u8("content tag")? {
+            0 => Content::None,
+            1 => Content::Inline(r.bytes(INLINE_MAX as usize, "inline data")?.to_vec()),
+            2 => {
+                let file = r.id("file id")?;
+                let n = r.varint("chunk count")?;
+                if n > (r.remaining() / Id::LEN) as u64 {
+                    return Err(ReadError::Truncated("chunk ids"));
+                }
+                let chunks = (0..n).map(|_| r.id("chunk id")).collect::<Result<_, _>>()?;
+                Content::Chunks { file, chunks }
+            }
+            3 => Content::Tree(r.id("tree id")?),
+            _ => return Ok(None),
+        }))
+    }
+}
+
 impl Tree {
     /// Sorts entries by name; encoding requires it.
     pub fn sort(&mut self) {
@@ -143,25 +188,7 @@ impl Tree {
                 varint::put_bytes(&mut out, k);
                 varint::put_bytes(&mut out, v);
             }
-            match &e.content {
-                Content::None => out.push(0),
-                Content::Inline(data) => {
-                    out.push(1);
-                    varint::put_bytes(&mut out, data);
-                }
-                Content::Chunks { file, chunks } => {
-                    out.push(2);
-                    out.extend_from_slice(&file.0);
-                    varint::put(&mut out, chunks.len() as u64);
-                    for c in chunks {
-                        out.extend_from_slice(&c.0);
-                    }
-                }
-                Content::Tree(id) => {
-                    out.push(3);
-                    out.extend_from_slice(&id.0);
-                }
-            }
+            e.content.encode_into(&mut out);
         }
         out
     }
@@ -214,21 +241,8 @@ impl Tree {
                 let v = r.bytes(XATTR_MAX, "xattr value")?.to_vec();
                 xattrs.push((k, v));
             }
-            let content = match r.u8("content tag")? {
-                0 => Content::None,
-                1 => Content::Inline(r.bytes(INLINE_MAX as usize, "inline data")?.to_vec()),
-                2 => {
-                    let file = r.id("file id")?;
-                    let n = r.varint("chunk count")?;
-                    if n > (r.remaining() / 32) as u64 {
-                        return Err(ReadError::Truncated("chunk ids").into());
-                    }
-                    let chunks = (0..n).map(|_| r.id("chunk id")).collect::<Result<_, _>>()?;
-                    Content::Chunks { file, chunks }
-                }
-                3 => Content::Tree(r.id("tree id")?),
-                _ => return Err(TreeError::BadContent(lossy(&name))),
-            };
+            let content =
+                Content::decode_from(&mut r)?.ok_or_else(|| TreeError::BadContent(lossy(&name)))?;
             let fits = match (&content, kind) {
                 (Content::Tree(_), Kind::Dir) => true,
                 (Content::None, Kind::File) => size == 0,

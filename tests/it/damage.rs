@@ -13,8 +13,7 @@ fn check_and_restore_find_a_flipped_byte() -> Result<()> {
     let root = tmp.path().join("root");
     fs::create_dir_all(root.join("docs"))?;
     fs::write(root.join("docs/thesis.pdf"), noise(2 << 20, 77))?;
-    let appliance = Appliance::start(&tmp.path().join("appliance"))?;
-    let agent = Agent::enroll(&appliance, &root, &tmp.path().join("state"))?;
+    let (appliance, agent) = one_device(tmp.path(), &root)?;
     agent.sync()?;
     let clean = appliance.check();
     assert!(

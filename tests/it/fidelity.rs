@@ -123,8 +123,7 @@ fn round_trip_keeps_everything() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let root = tmp.path().join("root");
     build_tree(&root)?;
-    let appliance = Appliance::start(&tmp.path().join("appliance"))?;
-    let agent = Agent::enroll(&appliance, &root, &tmp.path().join("state"))?;
+    let (appliance, agent) = one_device(tmp.path(), &root)?;
     let summary = agent.sync()?;
     assert!(summary["snapshot"].is_string(), "{summary}");
     let files = summary["files"].as_u64().unwrap();
@@ -185,8 +184,7 @@ fn unchanged_files_are_not_read_again() -> Result<()> {
     for i in 0..50 {
         fs::write(root.join(format!("a/b/f{i}")), noise(20_000, i))?;
     }
-    let appliance = Appliance::start(&tmp.path().join("appliance"))?;
-    let agent = Agent::enroll(&appliance, &root, &tmp.path().join("state"))?;
+    let (appliance, agent) = one_device(tmp.path(), &root)?;
     let first = agent.sync()?;
     assert_eq!(first["files_read"].as_u64(), Some(50), "{first}");
     let second = agent.sync()?;
@@ -215,8 +213,7 @@ fn file_larger_than_4_gib() -> Result<()> {
     f.seek(SeekFrom::Start((4u64 << 30) + 12345))?;
     f.write_all(&noise(1 << 20, 10))?;
     drop(f);
-    let appliance = Appliance::start(&tmp.path().join("appliance"))?;
-    let agent = Agent::enroll(&appliance, &root, &tmp.path().join("state"))?;
+    let (appliance, agent) = one_device(tmp.path(), &root)?;
     let s = agent.sync()?;
     assert_eq!(
         s["bytes_scanned"].as_u64(),

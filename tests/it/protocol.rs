@@ -39,8 +39,7 @@ fn tls_only_and_device_certificates_required() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let root = tmp.path().join("root");
     fs::create_dir_all(&root)?;
-    let appliance = Appliance::start(&tmp.path().join("appliance"))?;
-    let agent = Agent::enroll(&appliance, &root, &tmp.path().join("state"))?;
+    let (appliance, agent) = one_device(tmp.path(), &root)?;
     let (code, _) = appliance.curl(&agent, "/healthz", None)?;
     assert_eq!(code, 200);
 

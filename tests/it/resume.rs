@@ -19,8 +19,7 @@ fn resume_after_kill_does_not_resend() -> Result<()> {
             noise(24 << 20, 100 + i),
         )?;
     }
-    let appliance = Appliance::start(&tmp.path().join("appliance"))?;
-    let agent = Agent::enroll(&appliance, &root, &tmp.path().join("state"))?;
+    let (appliance, agent) = one_device(tmp.path(), &root)?;
     let mut child = agent
         .cmd("sync")
         .arg("--json")
