@@ -50,7 +50,7 @@ fn edit_in_the_middle_of_100_mib_sends_under_1_mib() -> Result<()> {
     fs::create_dir_all(&root)?;
     let mut data = noise(100 << 20, 5);
     fs::write(root.join("vm.img"), &data)?;
-    let (appliance, agent) = one_device(tmp.path(), &root)?;
+    let (_appliance, agent) = one_device(tmp.path(), &root)?;
     let first = agent.sync()?;
     assert!(first["bytes_sent"].as_u64().unwrap() > 100 << 20, "{first}");
     data[50 << 20..(50 << 20) + 100].copy_from_slice(&[0xAB; 100]);

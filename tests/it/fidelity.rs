@@ -123,7 +123,7 @@ fn round_trip_keeps_everything() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let root = tmp.path().join("root");
     build_tree(&root)?;
-    let (appliance, agent) = one_device(tmp.path(), &root)?;
+    let (_appliance, agent) = one_device(tmp.path(), &root)?;
     let summary = agent.sync()?;
     assert!(summary["snapshot"].is_string(), "{summary}");
     let files = summary["files"].as_u64().unwrap();
@@ -184,7 +184,7 @@ fn unchanged_files_are_not_read_again() -> Result<()> {
     for i in 0..50 {
         fs::write(root.join(format!("a/b/f{i}")), noise(20_000, i))?;
     }
-    let (appliance, agent) = one_device(tmp.path(), &root)?;
+    let (_appliance, agent) = one_device(tmp.path(), &root)?;
     let first = agent.sync()?;
     assert_eq!(first["files_read"].as_u64(), Some(50), "{first}");
     let second = agent.sync()?;
