@@ -2,4 +2,5 @@
 
 pub mod check;
 pub mod enroll_token;
+pub mod plugin;
 pub mod serve;

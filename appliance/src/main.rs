@@ -33,6 +33,9 @@ enum Command {
     EnrollToken(commands::enroll_token::Args),
     /// Verify every stored pack and snapshot; exit 1 if anything is damaged or missing.
     Check(commands::check::Args),
+    /// Manage WASM plugins: add, list, enable, disable, and test one call.
+    #[command(subcommand)]
+    Plugin(commands::plugin::Command),
 }
 
 /// Exit status for failures (as opposed to `check` finding damage, which is 1).
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Check(args) => commands::check::run(args).await,
+            Command::Plugin(cmd) => commands::plugin::run(cmd).await,
         }
     });
     match result {

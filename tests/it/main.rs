@@ -4,6 +4,7 @@
 mod damage;
 mod dedup;
 mod fidelity;
+mod plugins;
 mod protocol;
 mod resume;
 

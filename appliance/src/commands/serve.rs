@@ -55,6 +55,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     info!(data_dir = %data.root().display(), volumes = ?store.volumes(), "appliance ready");
 
     let catalog: Arc<dyn Catalog> = Arc::new(catalog);
+    crate::commands::plugin::check_active(catalog.as_ref(), &data).await;
     let state = AppState::new(catalog.clone(), Arc::new(store), Arc::new(pki));
     {
         // Tests and supervisors read this one line to learn the port.

@@ -52,7 +52,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            fuel: 200_000_000,
+            // About 0.15 s of a tight loop; a batch of 4,096 layer entries takes ~8 M.
+            fuel: 1_000_000_000,
             deadline: Duration::from_secs(2),
             memory_bytes: 64 << 20,
             log_bytes: 64 << 10,
@@ -198,7 +199,10 @@ impl PluginHost {
         config
             .wasm_component_model(true)
             .consume_fuel(true)
-            .epoch_interruption(true);
+            .epoch_interruption(true)
+            // Shipped components are stripped: frames would read `<wasm function 101>`.
+            // What the guest printed (a Rust panic message, say) goes into the error instead.
+            .wasm_backtrace_max_frames(None);
         let engine = Engine::new(&config).map_err(host_err("create the wasm engine"))?;
         let weak = engine.weak();
         std::thread::Builder::new()
@@ -256,17 +260,16 @@ impl PluginHost {
             detail: format!("{e:#}"),
         };
         let runner = |linker: &Linker<State>| {
-            let pre = linker
+            linker
                 .instantiate_pre(&component)
                 .map_err(|e| PluginError::WrongWorld {
                     plugin: name.into(),
                     hook,
                     detail: format!(
                         "it imports something Morgana does not provide (only `log` and wasi \
-                     interfaces are): {e:#}"
+                         interfaces are): {e:#}"
                     ),
-                })?;
-            Ok::<_, PluginError>(pre)
+                })
         };
         Ok(match hook {
             Hook::DriverMatcher => Plugin::DriverMatcher(DriverMatcherPlugin(Runner::new(
@@ -563,13 +566,15 @@ impl<W: World> Runner<W> {
             },
             _ => {
                 let mut detail = format!("{e:#}");
-                if detail.len() > 2000 {
-                    let mut cut = 2000;
-                    while !detail.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    detail.truncate(cut);
-                    detail.push('…');
+                let printed = store.data().output.contents();
+                let printed = String::from_utf8_lossy(&printed);
+                let printed = printed.trim();
+                if !printed.is_empty() {
+                    let tail: String = {
+                        let chars: Vec<char> = printed.chars().collect();
+                        chars[chars.len().saturating_sub(300)..].iter().collect()
+                    };
+                    detail.push_str(&format!(" (it printed: {})", tail.replace('\n', " | ")));
                 }
                 PluginError::Trap {
                     plugin,
