@@ -26,15 +26,10 @@ pub fn bin_dir() -> &'static Path {
         let target = profile_dir.parent().expect("target dir");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "-p",
-            "morgana",
-            "-p",
-            "morgana-agent",
-            "--target-dir",
-        ])
-        .arg(target);
+        // Selected as `cargo test --workspace` selects (every member, dev-dependencies on),
+        // so features resolve the same and no dependency is compiled a second time.
+        cmd.args(["build", "--workspace", "--bins", "--tests", "--target-dir"])
+            .arg(target);
         if profile_dir.file_name() == Some(OsStr::new("release")) {
             cmd.arg("--release");
         }

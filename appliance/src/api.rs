@@ -25,7 +25,7 @@ use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{error, info, warn};
 
-use crate::catalog::{BlobLocation, Catalog, CatalogError, Device, PackRecord};
+use crate::catalog::{BlobLocation, Catalog, CatalogError, Device};
 use crate::snapshot::{self, Closure, ClosureError};
 use crate::store::{PackStore, PackStoreError, with_codec};
 use crate::tls::{PeerCertificate, Pki};
@@ -453,15 +453,7 @@ async fn upload_pack(
                 }
                 builder.finish()
             };
-            let volume = store.write_pack(packed.id, &packed.bytes)?;
-            let record = PackRecord {
-                id: packed.id,
-                volume,
-                size: packed.bytes.len() as u64,
-                blob_count: packed.entries.len() as u64,
-                created: crate::clock::rfc3339_ms(crate::clock::now_ms()),
-            };
-            Ok((record, packed.entries))
+            Ok(store.store(packed)?)
         })
         .await
         .map_err(|e| ApiError::internal("storing a pack", e))?

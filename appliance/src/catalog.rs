@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use morgana_core::Id;
 use morgana_core::pack::PackEntry;
+use morgana_core::plugin::Hook;
 use morgana_core::wire::SnapshotInfo;
 
 pub use sqlite::SqliteCatalog;
@@ -47,6 +48,8 @@ pub enum CatalogError {
          with `morgana enroll-token --uses N`"
     )]
     TokenUsedUp,
+    #[error("there is no plugin with id {0}: list them with `morgana plugin list`")]
+    PluginUnknown(i64),
 }
 
 pub type Result<T, E = CatalogError> = std::result::Result<T, E>;
@@ -256,4 +259,50 @@ pub trait Catalog: Send + Sync {
 
     /// Finishes outstanding work and closes connections; call before the process exits.
     async fn close(&self);
+
+    // ---- Plugins (issue 5) ----
+
+    /// Records an uploaded component as the next version of `name` on `hook` (1 for a new
+    /// name), inactive.
+    async fn add_plugin(&self, new: &NewPlugin) -> Result<PluginRecord>;
+
+    /// Every plugin version, by hook, name, then version.
+    async fn plugins(&self) -> Result<Vec<PluginRecord>>;
+
+    async fn plugin(&self, id: i64) -> Result<Option<PluginRecord>>;
+
+    /// Activates the plugin and deactivates whichever was active on its hook, in one step.
+    /// Fails with `PluginUnknown` and changes nothing then.
+    async fn enable_plugin(&self, id: i64) -> Result<PluginRecord>;
+
+    /// Deactivates the plugin; its hook falls back to the built-in.
+    async fn disable_plugin(&self, id: i64) -> Result<PluginRecord>;
+
+    /// The plugin active on `hook`, if any.
+    async fn active_plugin(&self, hook: Hook) -> Result<Option<PluginRecord>>;
+}
+
+/// A plugin about to be recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewPlugin {
+    pub name: String,
+    pub hook: Hook,
+    /// BLAKE3 of the component bytes (also its file name under the plugins directory).
+    pub hash: Id,
+    pub size: u64,
+    /// RFC 3339 UTC.
+    pub added: String,
+}
+
+/// One version of one plugin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluginRecord {
+    pub id: i64,
+    pub name: String,
+    pub hook: Hook,
+    pub version: u32,
+    pub hash: Id,
+    pub size: u64,
+    pub added: String,
+    pub active: bool,
 }

@@ -3,5 +3,6 @@
 pub mod check;
 pub mod enroll_token;
 pub mod gc;
+pub mod plugin;
 pub mod serve;
 pub mod snapshot;

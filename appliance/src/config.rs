@@ -44,6 +44,16 @@ impl DataDir {
         self.root.join("catalog.sqlite")
     }
 
+    /// Uploaded plugin components, named by the BLAKE3 hash of their bytes.
+    pub fn plugins_dir(&self) -> PathBuf {
+        self.root.join("plugins")
+    }
+
+    /// Compiled plugin code, cached so each component is compiled once.
+    pub fn plugin_cache_dir(&self) -> PathBuf {
+        self.plugins_dir().join("compiled")
+    }
+
     pub fn default_volume(&self) -> PathBuf {
         self.root.join("volumes").join("default")
     }

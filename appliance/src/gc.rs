@@ -467,16 +467,7 @@ impl Collector<'_> {
                 )?;
                 builder.add_stored(e.id, e.kind, e.compression, &stored, e.raw_len);
             }
-            let packed = builder.finish();
-            let volume = store.write_pack(packed.id, &packed.bytes)?;
-            let record = PackRecord {
-                id: packed.id,
-                volume,
-                size: packed.bytes.len() as u64,
-                blob_count: packed.entries.len() as u64,
-                created: clock::rfc3339_ms(clock::now_ms()),
-            };
-            Ok((record, packed.entries))
+            Ok(store.store(builder.finish())?)
         })
         .await??;
         self.catalog
@@ -597,20 +588,9 @@ mod tests {
             let compression = codec.compress_into(raw, &mut stored);
             builder.add_stored(*id, *kind, compression, &stored, raw.len() as u32);
         }
-        let packed = builder.finish();
-        let volume = r.store.write_pack(packed.id, &packed.bytes).unwrap();
-        let record = PackRecord {
-            id: packed.id,
-            volume,
-            size: packed.bytes.len() as u64,
-            blob_count: packed.entries.len() as u64,
-            created: clock::rfc3339_ms(0),
-        };
-        r.catalog
-            .insert_pack(&record, &packed.entries)
-            .await
-            .unwrap();
-        packed.id
+        let (record, entries) = r.store.store(builder.finish()).unwrap();
+        r.catalog.insert_pack(&record, &entries).await.unwrap();
+        record.id
     }
 
     async fn snapshot(r: &Repo, id: &str, device: &str, root: Id, created: &str) {

@@ -39,6 +39,9 @@ enum Command {
     Gc(commands::gc::Args),
     /// Pin or unpin a snapshot against retention.
     Snapshot(commands::snapshot::Args),
+    /// Manage WASM plugins: add, list, enable, disable, and test one call.
+    #[command(subcommand)]
+    Plugin(commands::plugin::Command),
 }
 
 /// Exit status for failures (as opposed to `check` finding damage, which is 1).
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
             Command::Snapshot(args) => commands::snapshot::run(args)
                 .await
                 .map(|()| ExitCode::SUCCESS),
+            Command::Plugin(cmd) => commands::plugin::run(cmd).await,
         }
     });
     match result {

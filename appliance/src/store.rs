@@ -10,9 +10,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use morgana_core::Id;
-use morgana_core::pack::{Codec, DEFAULT_ZSTD_LEVEL, PackError};
+use morgana_core::pack::{Codec, DEFAULT_ZSTD_LEVEL, Pack, PackEntry, PackError};
 
-use crate::catalog::BlobLocation;
+use crate::catalog::{BlobLocation, PackRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackStoreError {
@@ -117,6 +117,19 @@ impl PackStore {
         }
         write_atomically(&Self::pack_path(volume, pack), bytes)?;
         Ok(volume.clone())
+    }
+
+    /// Writes a finished pack atomically and describes it for the catalog.
+    pub fn store(&self, packed: Pack) -> Result<(PackRecord, Vec<PackEntry>)> {
+        let volume = self.write_pack(packed.id, &packed.bytes)?;
+        let record = PackRecord {
+            id: packed.id,
+            volume,
+            size: packed.bytes.len() as u64,
+            blob_count: packed.entries.len() as u64,
+            created: crate::clock::rfc3339_ms(crate::clock::now_ms()),
+        };
+        Ok((record, packed.entries))
     }
 
     /// Reads `len` stored bytes at `offset` of a pack file.

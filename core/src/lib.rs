@@ -5,6 +5,7 @@
 pub mod chunker;
 pub mod id;
 pub mod pack;
+pub mod plugin;
 pub mod testdata;
 pub mod tree;
 pub mod varint;

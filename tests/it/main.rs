@@ -5,6 +5,7 @@ mod damage;
 mod dedup;
 mod fidelity;
 mod gc;
+mod plugins;
 mod protocol;
 mod resume;
 

@@ -16,8 +16,12 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Row};
 
 use super::{
-    BlobLocation, Catalog, CatalogError, Device, Fenced, GcHorizon, PackRecord, PackUsage, Result,
+    BlobLocation, Catalog, CatalogError, Device, Fenced, GcHorizon, NewPlugin, PackRecord,
+    PackUsage, PluginRecord, Result,
 };
+use morgana_core::plugin::Hook;
+
+mod plugins;
 
 /// Ids per `IN (…)` lookup: far below SQLite's variable limit, large enough to amortise.
 const BATCH: usize = 500;
@@ -997,6 +1001,32 @@ impl Catalog for SqliteCatalog {
             .await
             .map_err(q("listing snapshots"))?;
         rows.iter().map(snapshot_from_row).collect()
+    }
+
+    // ---- Plugins (issue 5): the SQL lives in sqlite/plugins.rs ----
+
+    async fn add_plugin(&self, new: &NewPlugin) -> Result<PluginRecord> {
+        self.plugins_add(new).await
+    }
+
+    async fn plugins(&self) -> Result<Vec<PluginRecord>> {
+        self.plugins_all().await
+    }
+
+    async fn plugin(&self, id: i64) -> Result<Option<PluginRecord>> {
+        self.plugins_by_id(id).await
+    }
+
+    async fn enable_plugin(&self, id: i64) -> Result<PluginRecord> {
+        self.plugins_set_active(id, true).await
+    }
+
+    async fn disable_plugin(&self, id: i64) -> Result<PluginRecord> {
+        self.plugins_set_active(id, false).await
+    }
+
+    async fn active_plugin(&self, hook: Hook) -> Result<Option<PluginRecord>> {
+        self.plugins_active(hook).await
     }
 }
 

@@ -74,6 +74,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     info!(data_dir = %data.root().display(), volumes = ?store.volumes(), "appliance ready");
 
     let catalog: Arc<dyn Catalog> = Arc::new(catalog);
+    crate::commands::plugin::check_active(catalog.as_ref(), &data).await;
     let store = Arc::new(store);
     let state = AppState::new(catalog.clone(), store.clone(), Arc::new(pki));
     if let Every(Some(every)) = args.gc_every {
