@@ -453,7 +453,7 @@ async fn upload_pack(
                 }
                 builder.finish()
             };
-            Ok(store.store(packed)?)
+            store.store(packed)
         })
         .await
         .map_err(|e| ApiError::internal("storing a pack", e))?

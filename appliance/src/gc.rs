@@ -35,7 +35,7 @@ use morgana_core::tree::{Content, Tree, TreeError};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::catalog::{Catalog, CatalogError, Fenced, GcHorizon, PackRecord, PackUsage};
+use crate::catalog::{Catalog, CatalogError, Fenced, GcHorizon, PackUsage};
 use crate::clock;
 use crate::retention::{self, Dated, Retention};
 use crate::store::{PackStore, PackStoreError, with_codec};
