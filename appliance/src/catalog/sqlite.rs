@@ -222,23 +222,27 @@ async fn present(
     rows.iter().map(|r| id_col(r, "id", "id")).collect()
 }
 
-/// Inserts one-column id rows, `INSERT OR IGNORE`, in multi-row statements.
-async fn insert_ids(
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
+
+/// Inserts `items` in multi-row statements of up to `INSERT_ROWS` rows: a statement per row
+/// costs a round trip to sqlx's worker thread each, which dominated a first sync. `insert`
+/// is the statement up to `VALUES`, `row` one row's placeholders, and `bind` binds one
+/// item's values in their order. Returns how many rows went in.
+async fn insert_rows<'q, T>(
     conn: &mut SqliteConnection,
-    table: &str,
-    ids: &[Id],
+    insert: &str,
+    row: &str,
+    items: &'q [T],
+    bind: impl Fn(SqliteQuery<'q>, &'q T) -> SqliteQuery<'q>,
     doing: &'static str,
 ) -> Result<u64> {
     let mut inserted = 0;
-    for rows in ids.chunks(INSERT_ROWS) {
-        let sql = format!(
-            "INSERT OR IGNORE INTO {table} (id) VALUES {}",
-            vec!["(?)"; rows.len()].join(", ")
-        );
-        // Only placeholders and fixed table names are spliced in; ids are bound.
+    for rows in items.chunks(INSERT_ROWS) {
+        let sql = format!("{insert} VALUES {}", vec![row; rows.len()].join(", "));
+        // Only fixed statement text and placeholders are spliced in; values are bound.
         let mut query = sqlx::query(AssertSqlSafe(sql));
-        for id in rows {
-            query = query.bind(id.0.to_vec());
+        for item in rows {
+            query = bind(query, item);
         }
         inserted += query
             .execute(&mut *conn)
@@ -249,25 +253,44 @@ async fn insert_ids(
     Ok(inserted)
 }
 
+/// Inserts one-column id rows, `INSERT OR IGNORE`.
+async fn insert_ids(
+    conn: &mut SqliteConnection,
+    table: &str,
+    ids: &[Id],
+    doing: &'static str,
+) -> Result<u64> {
+    let insert = format!("INSERT OR IGNORE INTO {table} (id)");
+    insert_rows(
+        conn,
+        &insert,
+        "(?)",
+        ids,
+        |q, id| q.bind(id.0.to_vec()),
+        doing,
+    )
+    .await
+}
+
 async fn insert_holds(
     conn: &mut SqliteConnection,
     device_id: &str,
     ids: &[Id],
     now_ms: i64,
 ) -> Result<()> {
-    const DOING: &str = "holding blobs for a sync";
-    for rows in ids.chunks(INSERT_ROWS) {
-        let sql = format!(
-            "INSERT INTO holds (device_id, id, held_at) VALUES {}",
-            vec!["(?, ?, ?)"; rows.len()].join(", ")
-        );
-        // Only placeholders are spliced in; every value is bound.
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for id in rows {
-            query = query.bind(device_id).bind(id.0.to_vec()).bind(now_ms);
-        }
-        query.execute(&mut *conn).await.map_err(q(DOING))?;
-    }
+    insert_rows(
+        conn,
+        "INSERT INTO holds (device_id, id, held_at)",
+        "(?, ?, ?)",
+        ids,
+        |q, id| {
+            q.bind(device_id.to_owned())
+                .bind(id.0.to_vec())
+                .bind(now_ms)
+        },
+        "holding blobs for a sync",
+    )
+    .await?;
     Ok(())
 }
 
@@ -503,27 +526,23 @@ impl Catalog for SqliteCatalog {
             .await
             .map_err(q(DOING))?;
         insert_pack_row(&mut tx, pack, DOING).await?;
-        // Multi-row inserts: one statement per row costs a round trip to sqlx's worker
-        // thread each, which dominated the server's CPU during a first sync.
-        for rows in entries.chunks(INSERT_ROWS) {
-            let sql = format!(
-                "INSERT OR IGNORE INTO blobs (id, pack, kind, compression, offset, stored_len, raw_len) VALUES {}",
-                vec!["(?, ?, ?, ?, ?, ?, ?)"; rows.len()].join(", ")
-            );
-            // Only placeholders are spliced in; every value is bound.
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for e in rows {
-                query = query
-                    .bind(e.id.0.to_vec())
+        insert_rows(
+            &mut tx,
+            "INSERT OR IGNORE INTO blobs (id, pack, kind, compression, offset, stored_len, raw_len)",
+            "(?, ?, ?, ?, ?, ?, ?)",
+            entries,
+            |q, e| {
+                q.bind(e.id.0.to_vec())
                     .bind(pack.id.0.to_vec())
                     .bind(e.kind as i64)
                     .bind(e.compression as i64)
                     .bind(e.offset as i64)
                     .bind(i64::from(e.stored_len))
-                    .bind(i64::from(e.raw_len));
-            }
-            query.execute(&mut *tx).await.map_err(q(DOING))?;
-        }
+                    .bind(i64::from(e.raw_len))
+            },
+            DOING,
+        )
+        .await?;
         tx.commit().await.map_err(q(DOING))?;
         Ok(())
     }
