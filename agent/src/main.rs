@@ -7,6 +7,7 @@ mod restore;
 mod scan;
 mod snapshot;
 mod state;
+mod sync;
 mod upload;
 
 use std::path::PathBuf;

@@ -26,6 +26,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tracing::{error, info, warn};
 
 use crate::catalog::{BlobLocation, Catalog, CatalogError, Device};
+use crate::events::{NewEvent, Severity};
 use crate::snapshot::{self, Closure, ClosureError};
 use crate::store::{PackStore, PackStoreError, with_codec};
 use crate::tls::{PeerCertificate, Pki};
@@ -336,6 +337,17 @@ async fn enroll(
         Err(e) => return Err(e.into()),
     }
     info!(device = %device_id, hostname = %device.hostname, "device enrolled");
+    crate::events::record(
+        state.0.catalog.as_ref(),
+        NewEvent::system(
+            "device.enrolled",
+            Severity::Info,
+            format!("device {} enrolled", device.hostname),
+        )
+        .for_device(&device_id)
+        .by(format!("device:{device_id}")),
+    )
+    .await;
     Ok(axum::Json(EnrollResponse {
         device_id,
         client_cert_pem: cert_pem,

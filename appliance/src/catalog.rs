@@ -17,6 +17,8 @@ use morgana_core::pack::PackEntry;
 use morgana_core::plugin::Hook;
 use morgana_core::wire::SnapshotInfo;
 
+use crate::events::{ChainCheck, Event, EventFilter, NewEvent};
+
 pub use sqlite::SqliteCatalog;
 
 #[derive(Debug, thiserror::Error)]
@@ -280,6 +282,22 @@ pub trait Catalog: Send + Sync {
 
     /// The plugin active on `hook`, if any.
     async fn active_plugin(&self, hook: Hook) -> Result<Option<PluginRecord>>;
+
+    // ---- Events and audit log ----
+
+    /// Appends an event, chained to the one before it.
+    async fn record_event(&self, event: &NewEvent) -> Result<Event>;
+
+    /// Events matching `filter`, newest first, older than `before_seq` when given.
+    async fn events_page(
+        &self,
+        filter: &EventFilter,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<Event>>;
+
+    /// Re-hashes the whole chain, oldest first, one page at a time.
+    async fn verify_events(&self) -> Result<ChainCheck>;
 }
 
 /// A plugin about to be recorded.

@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod enroll_token;
+pub mod events;
 pub mod gc;
 pub mod plugin;
 pub mod serve;

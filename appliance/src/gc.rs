@@ -37,6 +37,7 @@ use tracing::{info, warn};
 
 use crate::catalog::{Catalog, CatalogError, Fenced, GcHorizon, PackUsage};
 use crate::clock;
+use crate::events::{self, NewEvent, Severity};
 use crate::retention::{self, Dated, Retention};
 use crate::store::{PackStore, PackStoreError, with_codec};
 
@@ -160,9 +161,42 @@ pub async fn run(
     if let Err(e) = catalog.gc_release_lease(&c.holder).await {
         warn!(error = %e, "releasing the collector's lease failed; it expires by itself");
     }
-    result?;
+    if let Err(e) = result {
+        events::record(
+            catalog.as_ref(),
+            NewEvent::system(
+                "gc.failed",
+                Severity::Error,
+                format!("garbage collection stopped: {e}"),
+            ),
+        )
+        .await;
+        return Err(e);
+    }
     c.report.duration_ms = started.elapsed().as_millis() as u64;
     info!(report = ?c.report, "garbage collection finished");
+    if !opts.dry_run {
+        let r = &c.report;
+        events::record(
+            catalog.as_ref(),
+            NewEvent::system(
+                "gc.finished",
+                Severity::Info,
+                format!(
+                    "garbage collection pruned {} snapshots, freed {} blobs ({} bytes), \
+                     rewrote {} packs and deleted {} pack files ({} bytes) in {} ms",
+                    r.snapshots_pruned,
+                    r.blobs_freed,
+                    r.bytes_freed,
+                    r.packs_rewritten,
+                    r.pack_files_deleted,
+                    r.pack_bytes_deleted,
+                    r.duration_ms
+                ),
+            ),
+        )
+        .await;
+    }
     Ok(c.report)
 }
 

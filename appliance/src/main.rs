@@ -5,6 +5,7 @@ mod catalog;
 mod clock;
 mod commands;
 mod config;
+mod events;
 mod gc;
 mod random;
 mod retention;
@@ -37,6 +38,8 @@ enum Command {
     Check(commands::check::Args),
     /// Apply retention and reclaim unreferenced data, while agents keep working.
     Gc(commands::gc::Args),
+    /// Show the event and audit log, or verify that nobody tampered with it.
+    Events(commands::events::Args),
     /// Pin or unpin a snapshot against retention.
     Snapshot(commands::snapshot::Args),
     /// Manage WASM plugins: add, list, enable, disable, and test one call.
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Check(args) => commands::check::run(args).await,
+            Command::Events(args) => commands::events::run(args).await,
             Command::Gc(args) => commands::gc::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Snapshot(args) => commands::snapshot::run(args)
                 .await

@@ -3,9 +3,11 @@
 //! these pure pieces, and `FORMAT.md` beside this crate documents every byte.
 
 pub mod chunker;
+pub mod control;
 pub mod id;
 pub mod pack;
 pub mod plugin;
+pub mod policy;
 pub mod testdata;
 pub mod tree;
 pub mod varint;

@@ -19,8 +19,10 @@ use super::{
     BlobLocation, Catalog, CatalogError, Device, Fenced, GcHorizon, NewPlugin, PackRecord,
     PackUsage, PluginRecord, Result,
 };
+use crate::events::{ChainCheck, Event, EventFilter, NewEvent};
 use morgana_core::plugin::Hook;
 
+mod events;
 mod plugins;
 
 /// Ids per `IN (…)` lookup: far below SQLite's variable limit, large enough to amortise.
@@ -1046,6 +1048,23 @@ impl Catalog for SqliteCatalog {
 
     async fn active_plugin(&self, hook: Hook) -> Result<Option<PluginRecord>> {
         self.plugins_active(hook).await
+    }
+
+    async fn record_event(&self, event: &NewEvent) -> Result<Event> {
+        self.events_record(event).await
+    }
+
+    async fn events_page(
+        &self,
+        filter: &EventFilter,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<Event>> {
+        self.events_page_query(filter, before_seq, limit).await
+    }
+
+    async fn verify_events(&self) -> Result<ChainCheck> {
+        self.events_verify().await
     }
 }
 

@@ -41,6 +41,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .pin_snapshot(snapshot, reason)
         .await
         .context("cannot change the snapshot's pin")?;
+    if found {
+        let message = match reason {
+            Some(r) => format!("snapshot {snapshot} pinned ({r})"),
+            None => format!("snapshot {snapshot} unpinned"),
+        };
+        let kind = if reason.is_some() {
+            "snapshot.pinned"
+        } else {
+            "snapshot.unpinned"
+        };
+        crate::events::record(
+            &catalog,
+            crate::events::NewEvent::system(kind, crate::events::Severity::Info, message).by("cli"),
+        )
+        .await;
+    }
     catalog.close().await;
     if !found {
         bail!(

@@ -1,0 +1,127 @@
+//! One sync: snapshot the protected root, upload what the appliance lacks, commit. The
+//! `sync` command and the `run` service both go through [`sync_once`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use indicatif::ProgressBar;
+use morgana_core::wire::{CommitRequest, SnapshotStats};
+use serde::Serialize;
+
+use crate::client::Client;
+use crate::scan::{Report, Skipped};
+use crate::snapshot::{self, Options};
+use crate::state::State;
+
+/// What a sync did; `sync --json` prints it as is (the contract scripts and tests rely on).
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub snapshot: String,
+    /// RFC 3339 UTC, from the appliance.
+    pub created: String,
+    pub files: u64,
+    pub bytes_scanned: u64,
+    pub bytes_sent: u64,
+    pub new_chunks: u64,
+    pub duration_ms: u64,
+    pub files_read: u64,
+    pub changed_while_reading: Vec<String>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// Takes and commits one snapshot. `reason` is recorded with it (`manual`, `scheduled`, …).
+pub async fn sync_once(
+    state: &State,
+    client: &Arc<Client>,
+    reason: &str,
+    progress: &ProgressBar,
+) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let device = state.device()?;
+    let sent_before = client.bytes_sent();
+    let mut files_read = 0;
+    let mut new_chunks = 0;
+    let mut use_cache = true;
+    let (info, taken, report) = loop {
+        let report = Arc::new(Report::default());
+        let taken = {
+            let (client, report, progress) = (client.clone(), report.clone(), progress.clone());
+            let (root, state_dir) = (device.root.clone(), state.dir.clone());
+            let rt = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || {
+                let opts = Options {
+                    root: &root,
+                    state_dir: &state_dir,
+                    use_cache,
+                    progress: &progress,
+                };
+                snapshot::take(client, &rt, &opts, &report)
+            })
+            .await
+            .context("the snapshot task stopped unexpectedly")?
+        };
+        let taken =
+            taken.with_context(|| format!("snapshot of {} failed", device.root.display()))?;
+        files_read += snapshot::files_read(&report);
+        new_chunks += taken.uploads.new_chunks;
+        let req = CommitRequest {
+            root: taken.root,
+            stats: SnapshotStats {
+                files: taken.counts.files,
+                dirs: taken.counts.dirs,
+                bytes: taken.counts.bytes,
+                bytes_sent: client.bytes_sent() - sent_before,
+                new_chunks,
+            },
+            reason: reason.into(),
+        };
+        match client.commit(&req).await? {
+            Ok(info) => break (info, taken, report),
+            Err(refused) if use_cache => {
+                // The files cache vouched for content the appliance no longer holds (lost
+                // or repaired storage): forget it and read everything once more.
+                tracing::warn!(error = %refused.error, "commit refused; syncing again without the files cache");
+                snapshot::forget_cache(&state.dir)?;
+                use_cache = false;
+            }
+            Err(refused) => bail!(
+                "the appliance refused the snapshot even after every file was read and offered \
+                 again: {} (e.g. {:?}); check the appliance's storage and logs",
+                refused.error,
+                refused.missing.first()
+            ),
+        }
+    };
+    // Only now is the new cache true: everything it names is committed.
+    taken.cache.install()?;
+    Ok(Summary {
+        snapshot: info.id,
+        created: info.created,
+        files: taken.counts.files,
+        bytes_scanned: taken.counts.bytes,
+        bytes_sent: client.bytes_sent() - sent_before,
+        new_chunks,
+        duration_ms: started.elapsed().as_millis() as u64,
+        files_read,
+        changed_while_reading: drain(&report.changed_while_reading),
+        skipped: drain(&report.skipped),
+    })
+}
+
+fn drain<T>(m: &std::sync::Mutex<Vec<T>>) -> Vec<T> {
+    std::mem::take(&mut *m.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Chunk buffers (up to 256 KiB) are allocated on one thread and freed on another. glibc's
+/// defaults let that grow memory well past what is live: freed large blocks raise the mmap
+/// threshold, so later ones land in per-thread arenas that fragment. A fixed threshold and
+/// few arenas keep the agent's peak RSS close to its live data.
+pub fn limit_malloc_caching() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; it has no memory-safety preconditions.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}

@@ -1,0 +1,245 @@
+//! The control plane between agent and appliance: heartbeats with inventory, the device's
+//! upload policy, and jobs the appliance queues for an agent. The agent always connects out
+//! (mTLS, the same client certificate as the data plane); the endpoint opens no port.
+//!
+//! - `POST` [`PATH_HEARTBEAT`] [`Heartbeat`] → [`HeartbeatReply`]. The agent sends one at
+//!   start and every `heartbeat_secs`; it includes its inventory only when it changed since
+//!   the last one the appliance acknowledged (compare [`Inventory::digest`]).
+//! - `GET` [`PATH_POLICY`] → [`AgentPolicy`]: the calling device's policy, as the agent
+//!   needs it (no retention: only the server enforces that). Fetched when a heartbeat reply
+//!   names a version other than the one the agent holds.
+//! - `POST` [`PATH_JOBS_NEXT`] [`NextJob`] → 200 [`Job`] or 204 when none arrived within
+//!   `wait_secs` (a long poll; the appliance caps the wait).
+//! - `POST` [`PATH_JOB_REPORT`] [`JobReport`] → 204: progress while a job runs, then its
+//!   outcome. A job is handed out once; an agent that restarts mid-job reports it failed.
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::Id;
+
+pub const PATH_HEARTBEAT: &str = "/v1/heartbeat";
+pub const PATH_POLICY: &str = "/v1/policy";
+pub const PATH_JOBS_NEXT: &str = "/v1/jobs/next";
+pub const PATH_JOB_REPORT: &str = "/v1/jobs/report";
+
+/// Longest long poll the appliance honours.
+pub const MAX_JOB_WAIT_SECS: u32 = 60;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub agent_version: String,
+    /// Present when it changed since the last acknowledged heartbeat (and in the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inventory: Option<Inventory>,
+    /// The policy version the agent currently applies, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<u64>,
+    /// The job the agent is running, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_job: Option<String>,
+    /// RFC 3339 UTC of the agent's last successful snapshot, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_snapshot: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// The version of the device's policy; fetch [`PATH_POLICY`] when it differs from held.
+    pub policy_version: u64,
+    /// When to send the next heartbeat.
+    pub heartbeat_secs: u32,
+    /// Digest of the inventory the appliance holds for this device (`None`: none yet), so
+    /// an agent whose state was lost resends it.
+    #[serde(default)]
+    pub inventory_digest: Option<Id>,
+}
+
+/// Hardware and OS facts. A source the endpoint lacks (containers, VMs without DMI) leaves
+/// its fields empty; collecting never fails because of one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub hostname: String,
+    /// /sys/class/dmi/id/sys_vendor, product_name, product_serial.
+    pub vendor: String,
+    pub model: String,
+    pub serial: String,
+    pub cpu_model: String,
+    pub cpu_count: u32,
+    pub memory_bytes: u64,
+    pub disks: Vec<Disk>,
+    pub network: Vec<NetworkInterface>,
+    pub pci: Vec<PciId>,
+    /// /etc/os-release ID, VERSION_ID and PRETTY_NAME.
+    pub os_id: String,
+    pub os_version: String,
+    pub os_name: String,
+    /// uname release, e.g. `6.1.0-27-amd64`.
+    pub kernel: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    /// Kernel name, e.g. `nvme0n1`.
+    pub name: String,
+    pub model: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInterface {
+    pub name: String,
+    /// `aa:bb:cc:dd:ee:ff`, empty when the interface has none.
+    pub mac: String,
+    /// Addresses with prefix length, e.g. `192.168.1.20/24`, `fe80::1/64`.
+    pub addresses: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PciId {
+    pub vendor_id: u16,
+    pub device_id: u16,
+}
+
+impl Inventory {
+    /// A stable digest of the inventory's content, for change detection.
+    pub fn digest(&self) -> Id {
+        Id::of(&serde_json::to_vec(self).expect("inventory serializes"))
+    }
+}
+
+/// Glob patterns over endpoint paths (absolute, as seen from the protected root), with
+/// exceptions: a path is in the area when a rule matches it or a folder above it, and no
+/// exception does. [`crate::policy`] says how they match and which macros expand.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleSet {
+    pub rules: Vec<String>,
+    #[serde(default)]
+    pub exceptions: Vec<String>,
+}
+
+/// What an agent needs of its device's upload policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentPolicy {
+    pub name: String,
+    pub version: u64,
+    /// Never uploaded. The factory rules are already merged in.
+    pub unprotected: RuleSet,
+    /// User data: kept in place by a system-only revert and by layer updates.
+    pub user_area: RuleSet,
+    /// Scheduled sync interval.
+    pub sync_interval_secs: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NextJob {
+    /// How long the appliance may hold the request open waiting for a job.
+    pub wait_secs: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub kind: JobKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum JobKind {
+    /// Take a snapshot now (reason `manual`).
+    Sync,
+    Restore(RestoreJob),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreJob {
+    /// The snapshot restored from; it may belong to another device (restore to new hardware).
+    pub snapshot: String,
+    pub source_device: String,
+    /// The snapshot's root tree.
+    pub root: Id,
+    pub scope: RestoreScope,
+    /// Absolute directory on the endpoint to restore into; `None`: the original place (the
+    /// protected root). A full or system-only revert always targets the original place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum RestoreScope {
+    /// The device becomes exactly the snapshot, except its unprotected area.
+    Full,
+    /// As `Full`, but the user area is left as it is now.
+    SystemOnly,
+    /// These files or folders (absolute endpoint paths), nothing else touched.
+    Paths { paths: Vec<String> },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobReport {
+    pub job_id: String,
+    /// `Running` with progress, then `Succeeded` or `Failed` once.
+    pub state: JobState,
+    #[serde(default)]
+    pub progress: JobProgress,
+    /// What happened, for a person: the error and what to do about it when failed.
+    #[serde(default)]
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobProgress {
+    pub files_done: u64,
+    pub files_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_kinds_have_a_stable_json_shape() {
+        let job = Job {
+            id: "j1".into(),
+            kind: JobKind::Restore(RestoreJob {
+                snapshot: "s".into(),
+                source_device: "d".into(),
+                root: Id([0; 32]),
+                scope: RestoreScope::Paths {
+                    paths: vec!["/home/a/doc.txt".into()],
+                },
+                target: None,
+            }),
+        };
+        let json = serde_json::to_value(&job).unwrap();
+        assert_eq!(json["kind"]["type"], "restore");
+        assert_eq!(json["kind"]["scope"]["type"], "paths");
+        let back: Job = serde_json::from_value(json).unwrap();
+        assert_eq!(back, job);
+        let sync = serde_json::to_value(Job {
+            id: "j2".into(),
+            kind: JobKind::Sync,
+        })
+        .unwrap();
+        assert_eq!(sync["kind"]["type"], "sync");
+    }
+
+    #[test]
+    fn inventory_digest_follows_content() {
+        let mut inv = Inventory::default();
+        let empty = inv.digest();
+        inv.serial = "X1".into();
+        assert_ne!(empty, inv.digest());
+    }
+}
