@@ -332,6 +332,45 @@ mod tests {
         }
     }
 
+    /// `wit/since_v0.1.0/` is the released contract; `wit/` may only differ from it once
+    /// its package version has moved on.
+    #[test]
+    fn released_contract_is_frozen() {
+        let wit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit");
+        let frozen = wit.join("since_v0.1.0");
+        let worlds = std::fs::read_to_string(wit.join("worlds.wit")).unwrap();
+        let mut files = 0;
+        for entry in std::fs::read_dir(&frozen).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "wit") {
+                continue;
+            }
+            files += 1;
+            let name = path.file_name().unwrap();
+            let released = std::fs::read_to_string(&path).unwrap();
+            if worlds.starts_with("package morgana:plugins@0.1.0;") {
+                let current = std::fs::read_to_string(wit.join(name)).unwrap_or_default();
+                assert!(
+                    current == released,
+                    "wit/{} differs from the released 0.1.0 contract in wit/since_v0.1.0/: \
+                     released versions never change; raise the package version for a new one",
+                    name.to_string_lossy()
+                );
+            }
+        }
+        let current = std::fs::read_dir(&wit)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "wit")
+            })
+            .count();
+        assert_eq!(files, current, "every released file is frozen, and no more");
+    }
+
     #[test]
     fn hook_names_round_trip() {
         for h in Hook::ALL {
