@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use morgana_core::Id;
 use morgana_core::pack::PackEntry;
 use morgana_core::plugin::Hook;
+use morgana_core::plugin::types::LayerKind;
 use morgana_core::wire::SnapshotInfo;
 
 use crate::events::{ChainCheck, Event, EventFilter, NewEvent};
@@ -92,6 +93,7 @@ pub struct BlobLocation {
 pub struct GcHorizon {
     pub snapshot_seq: i64,
     pub hold_seq: i64,
+    pub layer_seq: i64,
 }
 
 /// A step of the collector that runs only if no root appeared beyond what it marked.
@@ -298,6 +300,64 @@ pub trait Catalog: Send + Sync {
 
     /// Re-hashes the whole chain, oldest first, one page at a time.
     async fn verify_events(&self) -> Result<ChainCheck>;
+
+    // ---- Image management ----
+
+    async fn device_by_id(&self, id: &str) -> Result<Option<Device>>;
+
+    async fn snapshot_by_id(&self, id: &str) -> Result<Option<SnapshotInfo>>;
+
+    /// Marks or unmarks a device as a reference machine; false if there is no such device.
+    async fn set_reference(&self, device_id: &str, reference: bool) -> Result<bool>;
+
+    /// Reference machines, by id.
+    async fn reference_devices(&self) -> Result<Vec<Device>>;
+
+    /// Drops every hold of `holder` (a capture that finished or gave up).
+    async fn release_holds(&self, holder: &str) -> Result<()>;
+
+    /// Records the next version of `layer.name` (1 for a new name).
+    async fn insert_layer(&self, layer: &NewLayer) -> Result<LayerRecord>;
+
+    /// Every version of every layer, by name then version.
+    async fn layers(&self) -> Result<Vec<LayerRecord>>;
+
+    /// One version of a layer, or its newest with `version: None`.
+    async fn layer(&self, name: &str, version: Option<u32>) -> Result<Option<LayerRecord>>;
+
+    /// `(seq, root)` of layers with `seq > after_seq`, in seq order.
+    async fn layer_roots_page(&self, after_seq: i64, limit: u32) -> Result<Vec<(i64, Id)>>;
+}
+
+/// A layer version about to be recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewLayer {
+    pub name: String,
+    pub kind: LayerKind,
+    pub notes: String,
+    pub source_device: String,
+    /// The snapshot captured (for an app layer, the one after installing).
+    pub snapshot: String,
+    /// App layers: the snapshot before installing.
+    pub before_snapshot: Option<String>,
+    pub root: Id,
+    /// App layers: paths (from the root, starting with `/`) the installation removed.
+    pub deletions: Vec<Vec<u8>>,
+    /// Regular files and their logical bytes in `root`.
+    pub files: u64,
+    pub bytes: u64,
+    /// RFC 3339 UTC.
+    pub created: String,
+    /// `cli`, `user:NAME`, …
+    pub created_by: String,
+}
+
+/// One recorded layer version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerRecord {
+    pub seq: i64,
+    pub version: u32,
+    pub layer: NewLayer,
 }
 
 /// A plugin about to be recorded.

@@ -4,6 +4,7 @@ pub mod check;
 pub mod enroll_token;
 pub mod events;
 pub mod gc;
+pub mod layer;
 pub mod plugin;
 pub mod serve;
 pub mod snapshot;

@@ -7,10 +7,10 @@
 //!    held for that device in the same write transaction, until the device commits a
 //!    snapshot (the commit releases its holds in the transaction that records the snapshot)
 //!    or the hold expires (an abandoned sync). A held tree keeps everything below it.
-//! 2. **Roots.** The collector marks everything reachable from every retained snapshot and
-//!    every live hold into a mark set kept in the catalog (not in memory).
+//! 2. **Roots.** The collector marks everything reachable from every retained snapshot,
+//!    every layer and every live hold into a mark set kept in the catalog (not in memory).
 //! 3. **Fence.** Every deleting step runs in one write transaction that first checks that
-//!    no snapshot or hold newer than what was marked exists; if one does, it changes
+//!    no snapshot, layer or hold newer than what was marked exists; if one does, it changes
 //!    nothing, the collector marks from the new roots and retries. So nothing a committed
 //!    snapshot or a hold needs is ever deleted, however the steps interleave.
 //! 4. **Assertions go first.** "This tree's closure is complete" and "this whole file is
@@ -39,7 +39,7 @@ use crate::catalog::{Catalog, CatalogError, Fenced, GcHorizon, PackUsage};
 use crate::clock;
 use crate::events::{self, NewEvent, Severity};
 use crate::retention::{self, Dated, Retention};
-use crate::store::{PackStore, PackStoreError, with_codec};
+use crate::store::{PackStore, PackStoreError, TreeLoadError, with_codec};
 
 const PAGE: u32 = 1000;
 /// Ids marked per catalog call.
@@ -317,6 +317,26 @@ impl Collector<'_> {
             self.renew_lease().await?;
         }
         self.seen.hold_seq = self.seen.hold_seq.max(target.hold_seq);
+        // Layers are roots for as long as they exist; there are few, one page usually.
+        while self.seen.layer_seq < target.layer_seq {
+            let page = self
+                .catalog
+                .layer_roots_page(self.seen.layer_seq, PAGE)
+                .await?;
+            let Some(&(last, _)) = page.last() else { break };
+            let roots: Vec<Id> = page
+                .iter()
+                .filter(|(seq, _)| *seq <= target.layer_seq)
+                .map(|(_, root)| *root)
+                .collect();
+            self.mark_trees(roots).await?;
+            self.seen.layer_seq = last.min(target.layer_seq);
+            if last >= target.layer_seq {
+                break;
+            }
+            self.renew_lease().await?;
+        }
+        self.seen.layer_seq = self.seen.layer_seq.max(target.layer_seq);
         Ok(())
     }
 
@@ -389,14 +409,15 @@ impl Collector<'_> {
     }
 
     async fn read_tree(&self, id: Id) -> Result<Tree, GcError> {
-        let Some(Some(loc)) = self.catalog.locate_blobs(&[id]).await?.into_iter().next() else {
-            return Err(GcError::MissingTree { id });
-        };
-        tokio::task::spawn_blocking(move || -> Result<Tree, GcError> {
-            let raw = with_codec(|codec| PackStore::read_blob(&loc, codec))?;
-            Tree::decode(&raw).map_err(|source| GcError::BadTree { id, source })
-        })
-        .await?
+        crate::store::load_tree(self.catalog.as_ref(), id)
+            .await
+            .map_err(|e| match e {
+                TreeLoadError::Missing { id } => GcError::MissingTree { id },
+                TreeLoadError::Bad { id, source } => GcError::BadTree { id, source },
+                TreeLoadError::Catalog(e) => GcError::Catalog(e),
+                TreeLoadError::Store(e) => GcError::Store(e),
+                TreeLoadError::Task(e) => GcError::Task(e),
+            })
     }
 
     async fn count_garbage(&mut self) -> Result<(), GcError> {

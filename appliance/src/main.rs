@@ -7,6 +7,8 @@ mod commands;
 mod config;
 mod events;
 mod gc;
+mod hooks;
+mod layers;
 mod random;
 mod retention;
 mod snapshot;
@@ -42,6 +44,12 @@ enum Command {
     Events(commands::events::Args),
     /// Pin or unpin a snapshot against retention.
     Snapshot(commands::snapshot::Args),
+    /// Mark or unmark reference machines, the devices layers are captured from.
+    #[command(subcommand)]
+    Reference(commands::layer::ReferenceCommand),
+    /// Capture, list and show base and app layers.
+    #[command(subcommand)]
+    Layer(commands::layer::LayerCommand),
     /// Manage WASM plugins: add, list, enable, disable, and test one call.
     #[command(subcommand)]
     Plugin(commands::plugin::Command),
@@ -82,6 +90,12 @@ fn main() -> ExitCode {
             Command::Events(args) => commands::events::run(args).await,
             Command::Gc(args) => commands::gc::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Snapshot(args) => commands::snapshot::run(args)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Reference(cmd) => commands::layer::reference(cmd)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Layer(cmd) => commands::layer::layer(cmd)
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Plugin(cmd) => commands::plugin::run(cmd).await,

@@ -300,3 +300,35 @@ mod tests {
         ));
     }
 }
+
+#[derive(Debug, thiserror::Error)]
+pub enum TreeLoadError {
+    #[error("tree {id} is not in the blob index; run `morgana check`")]
+    Missing { id: Id },
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
+    #[error(transparent)]
+    Store(#[from] PackStoreError),
+    #[error("tree {id} does not decode ({source}); run `morgana check`")]
+    Bad {
+        id: Id,
+        source: morgana_core::tree::TreeError,
+    },
+    #[error("reading a stored tree was interrupted: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Reads, verifies and decodes the stored tree `id`.
+pub async fn load_tree(
+    catalog: &dyn crate::catalog::Catalog,
+    id: Id,
+) -> std::result::Result<morgana_core::tree::Tree, TreeLoadError> {
+    let Some(Some(loc)) = catalog.locate_blobs(&[id]).await?.into_iter().next() else {
+        return Err(TreeLoadError::Missing { id });
+    };
+    tokio::task::spawn_blocking(move || {
+        let raw = with_codec(|codec| PackStore::read_blob(&loc, codec))?;
+        morgana_core::tree::Tree::decode(&raw).map_err(|source| TreeLoadError::Bad { id, source })
+    })
+    .await?
+}

@@ -5,6 +5,7 @@ mod damage;
 mod dedup;
 mod fidelity;
 mod gc;
+mod layers;
 mod plugins;
 mod protocol;
 mod resume;

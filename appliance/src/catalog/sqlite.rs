@@ -16,13 +16,14 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Row};
 
 use super::{
-    BlobLocation, Catalog, CatalogError, Device, Fenced, GcHorizon, NewPlugin, PackRecord,
-    PackUsage, PluginRecord, Result,
+    BlobLocation, Catalog, CatalogError, Device, Fenced, GcHorizon, LayerRecord, NewLayer,
+    NewPlugin, PackRecord, PackUsage, PluginRecord, Result,
 };
 use crate::events::{ChainCheck, Event, EventFilter, NewEvent};
 use morgana_core::plugin::Hook;
 
 mod events;
+mod layers;
 mod plugins;
 
 /// Ids per `IN (…)` lookup: far below SQLite's variable limit, large enough to amortise.
@@ -350,14 +351,18 @@ async fn retire_if_unused(
 /// The collector's fence: the horizon now, if it moved past `seen`.
 async fn moved_horizon(conn: &mut SqliteConnection, seen: GcHorizon) -> Result<Option<GcHorizon>> {
     let now = horizon(conn).await?;
-    Ok((now.snapshot_seq > seen.snapshot_seq || now.hold_seq > seen.hold_seq).then_some(now))
+    Ok((now.snapshot_seq > seen.snapshot_seq
+        || now.hold_seq > seen.hold_seq
+        || now.layer_seq > seen.layer_seq)
+        .then_some(now))
 }
 
 async fn horizon(conn: &mut SqliteConnection) -> Result<GcHorizon> {
     const DOING: &str = "reading the newest snapshot and hold";
     let row = sqlx::query(
         "SELECT (SELECT COALESCE(MAX(seq), 0) FROM snapshots) AS s, \
-                (SELECT COALESCE(MAX(seq), 0) FROM holds) AS h",
+                (SELECT COALESCE(MAX(seq), 0) FROM holds) AS h, \
+                (SELECT COALESCE(MAX(seq), 0) FROM layers) AS l",
     )
     .fetch_one(&mut *conn)
     .await
@@ -365,6 +370,7 @@ async fn horizon(conn: &mut SqliteConnection) -> Result<GcHorizon> {
     Ok(GcHorizon {
         snapshot_seq: row.try_get("s").map_err(q(DOING))?,
         hold_seq: row.try_get("h").map_err(q(DOING))?,
+        layer_seq: row.try_get("l").map_err(q(DOING))?,
     })
 }
 
@@ -1065,6 +1071,56 @@ impl Catalog for SqliteCatalog {
 
     async fn verify_events(&self) -> Result<ChainCheck> {
         self.events_verify().await
+    }
+
+    async fn device_by_id(&self, id: &str) -> Result<Option<Device>> {
+        self.devices_by_id(id).await
+    }
+
+    async fn snapshot_by_id(&self, id: &str) -> Result<Option<SnapshotInfo>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE id = ?"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("looking up a snapshot"))?;
+        row.as_ref().map(snapshot_from_row).transpose()
+    }
+
+    async fn set_reference(&self, device_id: &str, reference: bool) -> Result<bool> {
+        self.devices_set_reference(device_id, reference).await
+    }
+
+    async fn reference_devices(&self) -> Result<Vec<Device>> {
+        self.devices_references().await
+    }
+
+    async fn release_holds(&self, holder: &str) -> Result<()> {
+        const DOING: &str = "releasing holds";
+        let mut tx = self.write_tx(DOING).await?;
+        sqlx::query("DELETE FROM holds WHERE device_id = ?")
+            .bind(holder)
+            .execute(&mut *tx)
+            .await
+            .map_err(q(DOING))?;
+        tx.commit().await.map_err(q(DOING))
+    }
+
+    async fn insert_layer(&self, layer: &NewLayer) -> Result<LayerRecord> {
+        self.layers_insert(layer).await
+    }
+
+    async fn layers(&self) -> Result<Vec<LayerRecord>> {
+        self.layers_all().await
+    }
+
+    async fn layer(&self, name: &str, version: Option<u32>) -> Result<Option<LayerRecord>> {
+        self.layers_one(name, version).await
+    }
+
+    async fn layer_roots_page(&self, after_seq: i64, limit: u32) -> Result<Vec<(i64, Id)>> {
+        self.layers_roots_page(after_seq, limit).await
     }
 }
 

@@ -236,37 +236,13 @@ fn print_row(p: &PluginRecord) {
 
 /// Loads a stored plugin version through the host (compiled code from the cache).
 pub async fn load_stored(data: &DataDir, record: &PluginRecord) -> anyhow::Result<()> {
-    let path = data
-        .plugins_dir()
-        .join(format!("{}.wasm", record.hash.to_hex()));
-    let bytes = std::fs::read(&path).with_context(|| {
-        format!(
-            "cannot read plugin {} ({} v{}) from {}: add the component again with \
-             `morgana plugin add`",
-            record.id,
-            record.name,
-            record.version,
-            path.display()
-        )
-    })?;
-    if Id::of(&bytes) != record.hash {
-        bail!(
-            "{} does not hold plugin {} ({} v{}) any more (its hash changed): add the \
-             component again with `morgana plugin add`",
-            path.display(),
-            record.id,
-            record.name,
-            record.version
-        );
-    }
-    let (cache, name, hook) = (data.plugin_cache_dir(), record.name.clone(), record.hook);
+    let (data, record) = (data.clone(), record.clone());
     tokio::task::spawn_blocking(move || {
-        let host = PluginHost::new(Some(cache), Limits::default())?;
-        host.load(&name, hook, &bytes).map(drop)
+        let host = PluginHost::new(Some(data.plugin_cache_dir()), Limits::default())?;
+        crate::hooks::load_stored(&data, &host, &record).map(drop)
     })
     .await
-    .context("the plugin loading thread panicked")??;
-    Ok(())
+    .context("the plugin loading thread panicked")?
 }
 
 /// Checks (and compiles into the cache) the active plugin of every hook; a broken one is

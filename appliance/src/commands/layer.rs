@@ -1,0 +1,407 @@
+//! `morgana reference` and `morgana layer`: reference machines and the layers captured from
+//! them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use morgana_core::plugin::types::LayerKind;
+use morgana_core::tree::{Content, Kind};
+use morgana_core::wire::SnapshotInfo;
+
+use crate::catalog::{Catalog, Device, LayerRecord, SqliteCatalog};
+use crate::config::{DEFAULT_DATA_DIR, DataDir};
+use crate::hooks::Hooks;
+use crate::layers::{self, Env, Request};
+use crate::store::{PackStore, load_tree};
+
+#[derive(Debug, clap::Args)]
+pub struct DirArgs {
+    #[arg(long, value_name = "DIR", env = "MORGANA_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ReferenceCommand {
+    /// Mark an enrolled device as a reference machine: layers are captured from it.
+    Mark {
+        device: String,
+        #[command(flatten)]
+        dir: DirArgs,
+    },
+    /// Make a reference machine an ordinary device again (its layers stay).
+    Unmark {
+        device: String,
+        #[command(flatten)]
+        dir: DirArgs,
+    },
+    /// List the reference machines.
+    List {
+        #[command(flatten)]
+        dir: DirArgs,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum LayerCommand {
+    /// Capture a base layer from a reference machine's snapshot.
+    CaptureBase {
+        /// The layer's name; capturing again under it makes the next version.
+        name: String,
+        /// The reference machine.
+        #[arg(long)]
+        device: String,
+        /// Its snapshot to capture (default: its newest).
+        #[arg(long)]
+        snapshot: Option<String>,
+        #[arg(long, default_value = "")]
+        notes: String,
+        #[command(flatten)]
+        dir: DirArgs,
+    },
+    /// Capture an app layer: what changed on a reference machine between two snapshots.
+    CaptureApp {
+        name: String,
+        #[arg(long)]
+        device: String,
+        /// The snapshot before installing the applications.
+        #[arg(long)]
+        before: String,
+        /// The snapshot after installing them (default: the device's newest).
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long, default_value = "")]
+        notes: String,
+        #[command(flatten)]
+        dir: DirArgs,
+    },
+    /// List every version of every layer.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        dir: DirArgs,
+    },
+    /// Show one layer version (default: the newest), optionally with every path in it.
+    Show {
+        name: String,
+        #[arg(long)]
+        version: Option<u32>,
+        /// List the layer's files (and an app layer's removed paths).
+        #[arg(long)]
+        files: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        dir: DirArgs,
+    },
+}
+
+async fn open(dir: &DirArgs) -> anyhow::Result<(DataDir, Arc<dyn Catalog>)> {
+    let data = DataDir::new(&dir.data_dir);
+    data.require_initialised()?;
+    let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::open(&data.catalog(), false).await?);
+    Ok((data, catalog))
+}
+
+pub async fn reference(cmd: ReferenceCommand) -> anyhow::Result<()> {
+    let (dir, device, on) = match &cmd {
+        ReferenceCommand::Mark { device, dir } => (dir, Some(device), true),
+        ReferenceCommand::Unmark { device, dir } => (dir, Some(device), false),
+        ReferenceCommand::List { dir } => (dir, None, false),
+    };
+    let (_, catalog) = open(dir).await?;
+    let Some(device) = device else {
+        for d in catalog.reference_devices().await? {
+            println!("{}  {}", d.id, d.hostname);
+        }
+        catalog.close().await;
+        return Ok(());
+    };
+    let found = catalog.set_reference(device, on).await?;
+    if !found {
+        catalog.close().await;
+        bail!("there is no device {device}: enrol it first with `morgana-agent enroll`");
+    }
+    let verb = if on { "marked" } else { "unmarked" };
+    crate::events::record(
+        catalog.as_ref(),
+        crate::events::NewEvent::system(
+            if on {
+                "device.reference-marked"
+            } else {
+                "device.reference-unmarked"
+            },
+            crate::events::Severity::Info,
+            format!("device {device} {verb} as a reference machine"),
+        )
+        .for_device(device)
+        .by("cli"),
+    )
+    .await;
+    catalog.close().await;
+    println!("{verb} {device} as a reference machine");
+    Ok(())
+}
+
+pub async fn layer(cmd: LayerCommand) -> anyhow::Result<()> {
+    match cmd {
+        LayerCommand::CaptureBase {
+            name,
+            device,
+            snapshot,
+            notes,
+            dir,
+        } => {
+            let (data, catalog) = open(&dir).await?;
+            let device = reference_machine(catalog.as_ref(), &device).await?;
+            let snapshot = device_snapshot(catalog.as_ref(), &device, snapshot.as_deref()).await?;
+            let (store, hooks) = parts(&data, &catalog)?;
+            let env = Env {
+                catalog: &catalog,
+                store: &store,
+                hooks: &hooks,
+            };
+            let req = Request {
+                name: check_name(&name)?,
+                notes: &notes,
+                actor: "cli",
+                device: &device,
+            };
+            let result = layers::capture_base(&env, &req, &snapshot).await;
+            catalog.close().await;
+            print_captured(&result.context("capturing the base layer failed")?);
+        }
+        LayerCommand::CaptureApp {
+            name,
+            device,
+            before,
+            after,
+            notes,
+            dir,
+        } => {
+            let (data, catalog) = open(&dir).await?;
+            let device = reference_machine(catalog.as_ref(), &device).await?;
+            let before = device_snapshot(catalog.as_ref(), &device, Some(&before)).await?;
+            let after = device_snapshot(catalog.as_ref(), &device, after.as_deref()).await?;
+            if before.id == after.id {
+                bail!(
+                    "--before and --after are the same snapshot {}: sync the reference machine \
+                     after installing the applications, then capture again",
+                    after.id
+                );
+            }
+            let (store, hooks) = parts(&data, &catalog)?;
+            let env = Env {
+                catalog: &catalog,
+                store: &store,
+                hooks: &hooks,
+            };
+            let req = Request {
+                name: check_name(&name)?,
+                notes: &notes,
+                actor: "cli",
+                device: &device,
+            };
+            let result = layers::capture_app(&env, &req, &before, &after).await;
+            catalog.close().await;
+            print_captured(&result.context("capturing the app layer failed")?);
+        }
+        LayerCommand::List { json, dir } => {
+            let (_, catalog) = open(&dir).await?;
+            let all = catalog.layers().await?;
+            catalog.close().await;
+            if json {
+                let list: Vec<_> = all.iter().map(layer_json).collect();
+                println!("{}", serde_json::to_string(&list)?);
+            } else if all.is_empty() {
+                eprintln!(
+                    "no layers yet: mark a reference machine with `morgana reference mark`, then \
+                     `morgana layer capture-base`"
+                );
+            } else {
+                for r in &all {
+                    let l = &r.layer;
+                    println!(
+                        "{:<24} v{:<3} {:<4}  {:>8} files  {:>14} bytes  from {} snapshot {}  {}",
+                        l.name,
+                        r.version,
+                        kind_name(l.kind),
+                        l.files,
+                        l.bytes,
+                        l.source_device,
+                        l.snapshot,
+                        l.created
+                    );
+                }
+            }
+        }
+        LayerCommand::Show {
+            name,
+            version,
+            files,
+            json,
+            dir,
+        } => {
+            let (_, catalog) = open(&dir).await?;
+            let Some(record) = catalog.layer(&name, version).await? else {
+                catalog.close().await;
+                bail!(
+                    "there is no layer {name}{}: list them with `morgana layer list`",
+                    version.map(|v| format!(" v{v}")).unwrap_or_default()
+                );
+            };
+            let paths = if files {
+                Some(list_files(catalog.as_ref(), &record).await?)
+            } else {
+                None
+            };
+            catalog.close().await;
+            let mut value = layer_json(&record);
+            if let Some(paths) = &paths {
+                value["paths"] = serde_json::json!(paths);
+                value["deletions"] = serde_json::json!(
+                    record
+                        .layer
+                        .deletions
+                        .iter()
+                        .map(|p| String::from_utf8_lossy(p).into_owned())
+                        .collect::<Vec<_>>()
+                );
+            }
+            if json {
+                println!("{value}");
+            } else {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parts(data: &DataDir, catalog: &Arc<dyn Catalog>) -> anyhow::Result<(Arc<PackStore>, Hooks)> {
+    let store = Arc::new(PackStore::open(&[data.default_volume()])?);
+    Ok((store, Hooks::new(catalog.clone(), data.clone())))
+}
+
+fn check_name(name: &str) -> anyhow::Result<&str> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !ok {
+        bail!(
+            "layer name {name:?} is not usable: 1 to 64 letters, digits, `-`, `_` or `.`, \
+             e.g. debian-12-base"
+        );
+    }
+    Ok(name)
+}
+
+async fn reference_machine(catalog: &dyn Catalog, id: &str) -> anyhow::Result<Device> {
+    let Some(device) = catalog.device_by_id(id).await? else {
+        bail!("there is no device {id}: enrol the reference machine with `morgana-agent enroll`");
+    };
+    let references = catalog.reference_devices().await?;
+    if !references.iter().any(|d| d.id == device.id) {
+        bail!(
+            "device {id} ({}) is not a reference machine: mark it with `morgana reference mark {id}` \
+             first (layers are captured from reference machines only)",
+            device.hostname
+        );
+    }
+    Ok(device)
+}
+
+async fn device_snapshot(
+    catalog: &dyn Catalog,
+    device: &Device,
+    id: Option<&str>,
+) -> anyhow::Result<SnapshotInfo> {
+    match id {
+        Some(id) => match catalog.snapshot_by_id(id).await? {
+            Some(s) if s.device_id == device.id => Ok(s),
+            Some(_) => bail!("snapshot {id} belongs to another device than {}", device.id),
+            None => bail!(
+                "there is no snapshot {id}: list the device's snapshots with `morgana-agent snapshots`"
+            ),
+        },
+        None => catalog
+            .device_snapshots(&device.id)
+            .await?
+            .pop()
+            .with_context(|| {
+                format!(
+                    "device {} has no snapshot yet: sync it with `morgana-agent sync`, then capture",
+                    device.id
+                )
+            }),
+    }
+}
+
+fn kind_name(kind: LayerKind) -> &'static str {
+    match kind {
+        LayerKind::Base => "base",
+        LayerKind::App => "app",
+    }
+}
+
+fn layer_json(r: &LayerRecord) -> serde_json::Value {
+    let l = &r.layer;
+    serde_json::json!({
+        "name": l.name,
+        "version": r.version,
+        "kind": kind_name(l.kind),
+        "notes": l.notes,
+        "source_device": l.source_device,
+        "snapshot": l.snapshot,
+        "before_snapshot": l.before_snapshot,
+        "root": l.root.to_hex(),
+        "files": l.files,
+        "bytes": l.bytes,
+        "removed": l.deletions.len(),
+        "created": l.created,
+        "created_by": l.created_by,
+    })
+}
+
+fn print_captured(r: &LayerRecord) {
+    let l = &r.layer;
+    println!(
+        "captured {} layer {} v{}: {} files, {} bytes{}",
+        kind_name(l.kind),
+        l.name,
+        r.version,
+        l.files,
+        l.bytes,
+        if l.kind == LayerKind::App {
+            format!(", {} removed paths", l.deletions.len())
+        } else {
+            String::new()
+        }
+    );
+}
+
+/// Every path in the layer's tree, depth first, directories with a trailing `/`.
+async fn list_files(catalog: &dyn Catalog, record: &LayerRecord) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stack = vec![(record.layer.root, Vec::<u8>::new())];
+    while let Some((id, dir)) = stack.pop() {
+        let tree = load_tree(catalog, id).await?;
+        for e in tree.entries.iter().rev() {
+            let mut path = dir.clone();
+            path.push(b'/');
+            path.extend_from_slice(&e.name);
+            match (&e.content, e.kind) {
+                (Content::Tree(sub), Some(Kind::Dir)) => {
+                    out.push(format!("{}/", String::from_utf8_lossy(&path)));
+                    stack.push((*sub, path));
+                }
+                _ => out.push(String::from_utf8_lossy(&path).into_owned()),
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
