@@ -1,9 +1,11 @@
 //! The `morgana` subcommands, one module per verb.
 
+pub mod alerts;
 pub mod check;
 pub mod enroll_token;
 pub mod events;
 pub mod gc;
 pub mod plugin;
+pub mod policy;
 pub mod serve;
 pub mod snapshot;

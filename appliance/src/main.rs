@@ -1,5 +1,6 @@
 //! `morgana`: the Morgana appliance in one binary.
 
+mod alerts;
 mod api;
 mod catalog;
 mod clock;
@@ -7,6 +8,7 @@ mod commands;
 mod config;
 mod events;
 mod gc;
+mod policy;
 mod random;
 mod retention;
 mod snapshot;
@@ -45,6 +47,12 @@ enum Command {
     /// Manage WASM plugins: add, list, enable, disable, and test one call.
     #[command(subcommand)]
     Plugin(commands::plugin::Command),
+    /// Manage upload policies: what devices protect, how often, how long it is kept.
+    #[command(subcommand)]
+    Policy(commands::policy::Command),
+    /// Run the alert checks (stale devices, full volumes) once.
+    #[command(subcommand)]
+    Alerts(commands::alerts::Command),
 }
 
 /// Exit status for failures (as opposed to `check` finding damage, which is 1).
@@ -85,6 +93,12 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Plugin(cmd) => commands::plugin::run(cmd).await,
+            Command::Policy(cmd) => commands::policy::run(cmd)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Alerts(cmd) => commands::alerts::run(cmd)
+                .await
+                .map(|()| ExitCode::SUCCESS),
         }
     });
     match result {

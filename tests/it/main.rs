@@ -6,6 +6,7 @@ mod dedup;
 mod fidelity;
 mod gc;
 mod plugins;
+mod policy;
 mod protocol;
 mod resume;
 
