@@ -370,7 +370,12 @@ mod tests {
         state: &Path,
         use_cache: bool,
     ) -> (Id, Counts, HashMap<Id, Vec<u8>>, u64) {
-        scan_with(root, state, use_cache, &Area::unprotected(&RuleSet::default()).unwrap())
+        scan_with(
+            root,
+            state,
+            use_cache,
+            &Area::unprotected(&RuleSet::default()).unwrap(),
+        )
     }
 
     fn scan_with(
@@ -534,9 +539,15 @@ mod tests {
         fs::create_dir_all(root.join("data/keep")).unwrap();
         fs::create_dir_all(root.join("tmp")).unwrap();
         fs::create_dir_all(&state).unwrap();
-        for (i, f) in ["data/big/a", "data/big/deep/b", "data/keep/c", "data/x.iso", "top"]
-            .iter()
-            .enumerate()
+        for (i, f) in [
+            "data/big/a",
+            "data/big/deep/b",
+            "data/keep/c",
+            "data/x.iso",
+            "top",
+        ]
+        .iter()
+        .enumerate()
         {
             fs::write(root.join(f), vec![b'a' + i as u8; 1000]).unwrap();
         }
@@ -551,7 +562,11 @@ mod tests {
 
         let (id, counts, blobs, read) = scan_with(&root, &state, true, &area(&[], &[]));
         assert_eq!((counts.files, read), (5, 5));
-        assert_eq!(names(&tree(&blobs, &id)), ["data", "top"], "/tmp is factory-unprotected");
+        assert_eq!(
+            names(&tree(&blobs, &id)),
+            ["data", "top"],
+            "/tmp is factory-unprotected"
+        );
 
         // Leaving out a folder and a file pattern reads nothing again.
         let policy = area(&["/data/big", "/**/*.iso"], &[]);

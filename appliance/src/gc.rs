@@ -891,11 +891,20 @@ mod tests {
             ..GcOptions::default()
         };
         // An override of one tier applies to every device, over both policies.
-        let dry = run(&r.catalog, &r.store, &GcOptions { dry_run: true, ..overridden })
+        let dry = run(
+            &r.catalog,
+            &r.store,
+            &GcOptions {
+                dry_run: true,
+                ..overridden
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(dry.snapshots_pruned, 4);
+        let report = run(&r.catalog, &r.store, &GcOptions::default())
             .await
             .unwrap();
-        assert_eq!(dry.snapshots_pruned, 4);
-        let report = run(&r.catalog, &r.store, &GcOptions::default()).await.unwrap();
         assert_eq!((report.snapshots_kept, report.snapshots_pruned), (4, 4));
         assert_eq!(ids("d1").await, ["d1-2", "d1-3", "d1-4"]);
         assert_eq!(ids("d2").await, ["d2-4"]);

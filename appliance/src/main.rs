@@ -93,12 +93,8 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Plugin(cmd) => commands::plugin::run(cmd).await,
-            Command::Policy(cmd) => commands::policy::run(cmd)
-                .await
-                .map(|()| ExitCode::SUCCESS),
-            Command::Alerts(cmd) => commands::alerts::run(cmd)
-                .await
-                .map(|()| ExitCode::SUCCESS),
+            Command::Policy(cmd) => commands::policy::run(cmd).await.map(|()| ExitCode::SUCCESS),
+            Command::Alerts(cmd) => commands::alerts::run(cmd).await.map(|()| ExitCode::SUCCESS),
         }
     });
     match result {

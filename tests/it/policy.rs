@@ -31,7 +31,10 @@ fn set_policy(appliance: &Appliance, dir: &Path, name: &str, text: &str) -> Resu
 }
 
 fn show_policy(appliance: &Appliance, name: &str) -> Result<Value> {
-    let out = run_ok(&mut data_cmd(appliance, &["policy", "show", name, "--json"]))?;
+    let out = run_ok(&mut data_cmd(
+        appliance,
+        &["policy", "show", name, "--json"],
+    ))?;
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
@@ -122,7 +125,10 @@ fn a_policy_version_leaves_a_folder_out_and_back_in_without_a_full_reread() -> R
         second["files_read"].as_u64() == Some(1),
         "only the edited file is read again after the policy change: {second}"
     );
-    ensure!(second["files"].as_u64() == Some(rest.len() as u64), "{second}");
+    ensure!(
+        second["files"].as_u64() == Some(rest.len() as u64),
+        "{second}"
+    );
     let saved: Value = serde_json::from_slice(&fs::read(agent.state_dir.join("policy.json"))?)?;
     ensure!(saved["version"] == office["version"], "saved {saved}");
     ensure!(
@@ -181,8 +187,14 @@ fn bad_policy_files_are_refused_naming_the_rule_and_change_nothing() -> Result<(
     )?;
     let before = show_policy(&appliance, "lab")?;
     for (text, named) in [
-        (r#"unprotected = { rules = ["/ok", "scratch/relative"] }"#, "scratch/relative"),
-        (r#"unprotected = { exceptions = ["/a/../etc"] }"#, "/a/../etc"),
+        (
+            r#"unprotected = { rules = ["/ok", "scratch/relative"] }"#,
+            "scratch/relative",
+        ),
+        (
+            r#"unprotected = { exceptions = ["/a/../etc"] }"#,
+            "/a/../etc",
+        ),
         (r#"user_area = { rules = ["/x/[oops"] }"#, "/x/[oops"),
         ("sync_interval = \"5s\"", "sync_interval"),
         ("[retention]\nyearly = 1", "yearly"),
@@ -195,8 +207,14 @@ fn bad_policy_files_are_refused_naming_the_rule_and_change_nothing() -> Result<(
             .output()?;
         ensure!(!out.status.success(), "{text} was accepted");
         let err = stderr(&out);
-        ensure!(err.contains(named), "{text}: the error does not name {named}: {err}");
-        ensure!(show_policy(&appliance, "lab")? == before, "{text} changed the policy");
+        ensure!(
+            err.contains(named),
+            "{text}: the error does not name {named}: {err}"
+        );
+        ensure!(
+            show_policy(&appliance, "lab")? == before,
+            "{text} changed the policy"
+        );
     }
     let out = data_cmd(&appliance, &["policy", "show", "nothing"]).output()?;
     ensure!(
@@ -206,7 +224,9 @@ fn bad_policy_files_are_refused_naming_the_rule_and_change_nothing() -> Result<(
     );
     let factory = run_ok(&mut morgana().args(["policy", "factory"]))?;
     ensure!(
-        String::from_utf8(factory.stdout)?.lines().any(|l| l == "/proc"),
+        String::from_utf8(factory.stdout)?
+            .lines()
+            .any(|l| l == "/proc"),
         "policy factory lists /proc"
     );
     Ok(())
@@ -370,7 +390,14 @@ fn retention_follows_each_devices_policy_on_a_synthetic_clock() -> Result<()> {
 
     let out = run_ok(&mut data_cmd(
         &appliance,
-        &["gc", "--json", "--now", "2026-05-13T09:00:00Z", "--pack-grace", "1s"],
+        &[
+            "gc",
+            "--json",
+            "--now",
+            "2026-05-13T09:00:00Z",
+            "--pack-grace",
+            "1s",
+        ],
     ))?;
     let report: Value = serde_json::from_slice(&out.stdout)?;
     let mut kept_sets = Vec::new();
@@ -392,7 +419,9 @@ fn retention_follows_each_devices_policy_on_a_synthetic_clock() -> Result<()> {
     );
     // The two policies keep different sets of the same schedule.
     let positions = |kept: &BTreeSet<String>, times: &[(String, String)]| -> Vec<usize> {
-        (0..times.len()).filter(|&i| kept.contains(&times[i].0)).collect()
+        (0..times.len())
+            .filter(|&i| kept.contains(&times[i].0))
+            .collect()
     };
     ensure!(
         positions(&kept_sets[0], &devices[0].1) != positions(&kept_sets[1], &devices[1].1),
@@ -405,10 +434,18 @@ fn retention_follows_each_devices_policy_on_a_synthetic_clock() -> Result<()> {
 
 #[test]
 fn the_tests_own_time_helpers_agree() {
-    for t in ["1970-01-01T00:00:00Z", "2026-03-01T05:06:07Z", "2028-02-29T23:59:59Z"] {
+    for t in [
+        "1970-01-01T00:00:00Z",
+        "2026-03-01T05:06:07Z",
+        "2028-02-29T23:59:59Z",
+    ] {
         assert_eq!(rfc3339(ms_of(t)), t);
     }
-    assert_eq!(ms_of("2026-01-05T00:00:00Z") / 86_400_000 % 7, 4, "a Monday");
+    assert_eq!(
+        ms_of("2026-01-05T00:00:00Z") / 86_400_000 % 7,
+        4,
+        "a Monday"
+    );
 }
 
 #[test]
@@ -441,7 +478,8 @@ fn a_stale_device_raises_one_alert_per_episode() -> Result<()> {
     ensure!(stale["raised"].as_array().unwrap().len() == 1, "{stale}");
     let again = check(&at(5))?;
     ensure!(
-        again["raised"].as_array().unwrap().is_empty() && again["open"].as_array().unwrap().len() == 1,
+        again["raised"].as_array().unwrap().is_empty()
+            && again["open"].as_array().unwrap().len() == 1,
         "the same episode is not raised twice: {again}"
     );
     let raised = events(&appliance, "alert.no-recent-snapshot")?;
@@ -459,7 +497,10 @@ fn a_stale_device_raises_one_alert_per_episode() -> Result<()> {
             && recovered["open"].as_array().unwrap().is_empty(),
         "{recovered}"
     );
-    ensure!(events(&appliance, "alert.recovered")?.len() == 1, "one recovery");
+    ensure!(
+        events(&appliance, "alert.recovered")?.len() == 1,
+        "one recovery"
+    );
     ensure!(
         events(&appliance, "alert.no-recent-snapshot")?.len() == 1,
         "still one alert"
@@ -500,7 +541,9 @@ fn a_full_volume_raises_one_alert_and_recovers() -> Result<()> {
     )?;
     let check = || -> Result<Value> {
         let out = run_ok(
-            data_cmd(&appliance, &["alerts", "check", "--json", "--volume"]).arg(&volume),
+            data_cmd(&appliance, &["alerts", "check", "--json"])
+                .arg("--volume")
+                .arg(&volume),
         )?;
         Ok(serde_json::from_slice(&out.stdout)?)
     };
@@ -509,7 +552,10 @@ fn a_full_volume_raises_one_alert_and_recovers() -> Result<()> {
     fs::write(volume.join("filler"), vec![7u8; 3_900_000])?;
     let full = check()?;
     ensure!(full["raised"].as_array().unwrap().len() == 1, "{full}");
-    ensure!(check()?["raised"].as_array().unwrap().is_empty(), "raised twice");
+    ensure!(
+        check()?["raised"].as_array().unwrap().is_empty(),
+        "raised twice"
+    );
     fs::remove_file(volume.join("filler"))?;
     let freed = check()?;
     ensure!(freed["recovered"].as_array().unwrap().len() == 1, "{freed}");
@@ -540,6 +586,9 @@ fn serve_runs_the_alert_check_by_itself() -> Result<()> {
         events(&appliance, "alert.no-recent-snapshot")
             .is_ok_and(|e| e.iter().any(|e| e["device_id"] == id.as_str()))
     });
-    ensure!(raised, "serve raised no alert for a device that never synced");
+    ensure!(
+        raised,
+        "serve raised no alert for a device that never synced"
+    );
     Ok(())
 }

@@ -126,9 +126,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
                     Some(v) if !versions.is_empty() => {
                         bail!("policy {name} has no version {v}; its versions are {versions:?}")
                     }
-                    _ => bail!(
-                        "there is no policy {name:?}: list them with `morgana policy list`"
-                    ),
+                    _ => bail!("there is no policy {name:?}: list them with `morgana policy list`"),
                 }
             };
             if json {

@@ -138,7 +138,9 @@ impl SqliteCatalog {
             let assigned: String = row.try_get("assigned").map_err(q(DOING))?;
             return Err(CatalogError::Corrupt {
                 what: "device record",
-                detail: format!("device {device_id} follows policy {assigned:?}, which has no version"),
+                detail: format!(
+                    "device {device_id} follows policy {assigned:?}, which has no version"
+                ),
             });
         }
         policy_from_row(&row)
@@ -308,7 +310,10 @@ mod tests {
         let cat = catalog_with_devices(&dir).await;
         // The built-in policy exists and every new device follows it.
         let default = cat.device_policy("d1").await.unwrap();
-        assert_eq!((default.name.as_str(), default.version), (DEFAULT_POLICY, 1));
+        assert_eq!(
+            (default.name.as_str(), default.version),
+            (DEFAULT_POLICY, 1)
+        );
         assert_eq!(default.spec, PolicySpec::default());
         assert!(matches!(
             cat.device_policy("nope").await,
@@ -327,11 +332,20 @@ mod tests {
         assert!(a.version < other.version && other.version < b.version);
         assert_eq!(cat.policy("office", None).await.unwrap().unwrap(), b);
         assert_eq!(
-            cat.policy("office", Some(a.version)).await.unwrap().unwrap(),
+            cat.policy("office", Some(a.version))
+                .await
+                .unwrap()
+                .unwrap(),
             a
         );
-        assert_eq!(cat.policy("office", Some(other.version)).await.unwrap(), None);
-        assert_eq!(cat.policy_history("office").await.unwrap(), vec![a, b.clone()]);
+        assert_eq!(
+            cat.policy("office", Some(other.version)).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            cat.policy_history("office").await.unwrap(),
+            vec![a, b.clone()]
+        );
 
         // Assignment is all or nothing.
         let err = cat
@@ -394,7 +408,10 @@ mod tests {
         assert!(cat.open_alert(&alert).await.unwrap());
         assert!(!cat.open_alert(&alert).await.unwrap());
         assert_eq!(cat.open_alerts().await.unwrap(), vec![alert.clone()]);
-        assert_eq!(cat.close_alert(&alert.key).await.unwrap(), Some(alert.clone()));
+        assert_eq!(
+            cat.close_alert(&alert.key).await.unwrap(),
+            Some(alert.clone())
+        );
         assert_eq!(cat.close_alert(&alert.key).await.unwrap(), None);
         assert!(cat.open_alerts().await.unwrap().is_empty());
     }
