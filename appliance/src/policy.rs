@@ -29,8 +29,6 @@ use serde::{Deserialize, Serialize};
 use crate::commands::enroll_token::parse_duration;
 use crate::retention::Retention;
 
-/// The policy every device starts with.
-pub const DEFAULT_POLICY: &str = "default";
 const MAX_NAME: usize = 64;
 /// Bounds that keep a typo from making a policy useless: a sync every second, or a
 /// threshold of years.
@@ -245,7 +243,7 @@ pub fn validate(spec: &PolicySpec) -> Result<(), PolicyError> {
 /// reads it back.
 pub fn format_duration(secs: u64) -> String {
     for (unit, n) in [("d", 86_400), ("h", 3600), ("m", 60)] {
-        if secs >= n && secs % n == 0 {
+        if secs >= n && secs.is_multiple_of(n) {
             return format!("{}{unit}", secs / n);
         }
     }

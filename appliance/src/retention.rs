@@ -42,6 +42,7 @@ pub struct RetentionOverride {
 
 impl RetentionOverride {
     /// The same tiers for every device, whatever their policies say.
+    #[cfg(test)]
     pub fn all(rules: Retention) -> RetentionOverride {
         RetentionOverride {
             hourly: Some(rules.hourly),

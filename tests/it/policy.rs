@@ -222,7 +222,7 @@ fn bad_policy_files_are_refused_naming_the_rule_and_change_nothing() -> Result<(
         "showing an unknown policy: {}",
         stderr(&out)
     );
-    let factory = run_ok(&mut morgana().args(["policy", "factory"]))?;
+    let factory = run_ok(morgana().args(["policy", "factory"]))?;
     ensure!(
         String::from_utf8(factory.stdout)?
             .lines()

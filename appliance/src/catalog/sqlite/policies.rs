@@ -279,7 +279,10 @@ mod tests {
 
     use super::*;
     use crate::catalog::Catalog;
-    use crate::policy::{DEFAULT_POLICY, parse_toml};
+    use crate::policy::parse_toml;
+
+    /// The built-in policy, from the migration.
+    const DEFAULT_POLICY: &str = "default";
 
     async fn catalog_with_devices(dir: &tempfile::TempDir) -> SqliteCatalog {
         let cat = SqliteCatalog::open(&dir.path().join("catalog.sqlite"), true)
