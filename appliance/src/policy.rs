@@ -40,10 +40,10 @@ const MAX_ALERT_AFTER_SECS: u64 = 365 * 86_400;
 pub enum PolicyError {
     #[error("the policy file is not valid TOML: {0}")]
     Toml(String),
-    #[error("in {area}: {source}; nothing was saved")]
+    #[error("in {area}: {reason}; nothing was saved")]
     BadRule {
         area: &'static str,
-        source: areas::PolicyError,
+        reason: areas::PolicyError,
     },
     #[error("{field} = {value:?} is refused: {why}; nothing was saved")]
     BadValue {
@@ -229,13 +229,13 @@ fn duration_field(field: &'static str, value: &str) -> Result<u64, PolicyError> 
 
 /// Checks every rule of both areas.
 pub fn validate(spec: &PolicySpec) -> Result<(), PolicyError> {
-    areas::validate(&spec.unprotected).map_err(|source| PolicyError::BadRule {
+    areas::validate(&spec.unprotected).map_err(|reason| PolicyError::BadRule {
         area: "unprotected",
-        source,
+        reason,
     })?;
-    areas::validate(&spec.user_area).map_err(|source| PolicyError::BadRule {
+    areas::validate(&spec.user_area).map_err(|reason| PolicyError::BadRule {
         area: "user_area",
-        source,
+        reason,
     })
 }
 
