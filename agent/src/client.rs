@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::StreamExt;
 use morgana_core::Id;
+use morgana_core::control::{self, AgentPolicy};
 use morgana_core::wire::{self, BlobFrame, EnrollToken};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -348,6 +349,12 @@ impl Client {
             });
         }
         Ok(Ok(Self::json("commit", resp).await?))
+    }
+
+    /// The device's upload policy as the appliance holds it now.
+    pub async fn policy(&self) -> Result<AgentPolicy, ClientError> {
+        let rb = self.http.get(self.url(control::PATH_POLICY));
+        Self::json("policy", self.send("policy", rb, 0).await?).await
     }
 
     pub async fn snapshots(&self) -> Result<Vec<wire::SnapshotInfo>, ClientError> {

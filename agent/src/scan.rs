@@ -3,10 +3,17 @@
 //!
 //! The walker goes depth first with children sorted by name bytes, never follows symlinks
 //! and never crosses into another filesystem (a mount point is kept as an empty directory).
+//! It leaves out the policy's unprotected area (paths as seen from the root: `/home/a/x`
+//! for `<root>/home/a/x`), skipping a folder's whole subtree without reading it when no
+//! exception can reach inside.
+//!
 //! It finishes directories in post-order: once a directory's subdirectories are done, it
 //! looks the directory up in the files cache, sends the files that changed to the readers,
 //! and hands the directory to the finaliser as a [`DirEvent`] whose file entries are either
-//! complete or waiting on a reader's answer.
+//! complete or waiting on a reader's answer. The cache is keyed by folder path and file
+//! name, so a policy change costs no reads of files still protected: folders left out are
+//! simply not looked up, and folders taken back have no record, so only their files are
+//! read.
 
 use std::ffi::OsStr;
 use std::fs::{self, File, Metadata};
@@ -20,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crossbeam_channel::{Receiver, Sender};
 use morgana_core::Chunker;
 use morgana_core::pack::BlobKind;
+use morgana_core::policy::{Area, Standing};
 use morgana_core::tree::{Content, Entry, INLINE_MAX, Kind};
 use serde::Serialize;
 
@@ -262,8 +270,11 @@ pub type ReadOutcome = Result<FileRead, ReadFailure>;
 pub struct Walker<'a> {
     pub root: PathBuf,
     pub root_dev: u64,
-    /// The agent's state directory (dev, inode), left out when it lies under the root.
+    /// The agent's state directory (dev, inode), left out when it lies under the root,
+    /// whatever the policy says.
     pub skip: Option<(u64, u64)>,
+    /// What the policy leaves out.
+    pub unprotected: Area,
     pub cache: Option<CacheReader>,
     pub jobs: Sender<ReadJob>,
     pub events: Sender<DirEvent>,
@@ -280,7 +291,7 @@ impl Walker<'_> {
     pub fn run(mut self) -> Result<(), ScanError> {
         let mut abs = self.root.clone();
         let mut rel = Vec::new();
-        match self.walk(&mut abs, &mut rel) {
+        match self.walk(&mut abs, &mut rel, Standing::default()) {
             Ok(()) => Ok(()),
             Err(WalkError::Cancelled) => Err(ScanError::Cancelled),
             Err(WalkError::Skip(source)) => Err(ScanError::Root {
@@ -290,7 +301,12 @@ impl Walker<'_> {
         }
     }
 
-    fn walk(&mut self, abs: &mut PathBuf, rel: &mut Vec<u8>) -> Result<(), WalkError> {
+    fn walk(
+        &mut self,
+        abs: &mut PathBuf,
+        rel: &mut Vec<u8>,
+        standing: Standing,
+    ) -> Result<(), WalkError> {
         let mut children: Vec<(Vec<u8>, Stat)> = Vec::new();
         for de in fs::read_dir(&*abs).map_err(WalkError::Skip)? {
             let de = de.map_err(WalkError::Skip)?;
@@ -305,14 +321,33 @@ impl Walker<'_> {
         }
         children.sort_unstable_by(|a, b| a.0.cmp(&b.0));
 
-        let mut entries: Vec<(Entry, Stat)> = Vec::with_capacity(children.len());
+        let mut entries: Vec<(Entry, Stat, Standing)> = Vec::with_capacity(children.len());
+        // The policy path of a child: `/` + rel + `/` + name.
+        let mut policy_path = Vec::with_capacity(rel.len() + 64);
+        policy_path.push(b'/');
+        policy_path.extend_from_slice(rel);
+        if !rel.is_empty() {
+            policy_path.push(b'/');
+        }
+        let parent_len = policy_path.len();
         for (name, st) in children {
-            if st.kind() == Some(Kind::Dir) && self.skip == Some((st.dev, st.ino)) {
+            let is_dir = st.kind() == Some(Kind::Dir);
+            if is_dir && self.skip == Some((st.dev, st.ino)) {
                 continue;
+            }
+            policy_path.truncate(parent_len);
+            policy_path.extend_from_slice(&name);
+            let child = self.unprotected.child(standing, &policy_path);
+            if child.in_area() {
+                // A folder in the area is still walked when an exception may match beneath
+                // it: it is the way to what the exception keeps.
+                if !is_dir || self.unprotected.covers_subtree(child, &policy_path) {
+                    continue;
+                }
             }
             abs.push(OsStr::from_bytes(&name));
             match entry_of(&name, abs, &st) {
-                Ok(e) => entries.push((e, st)),
+                Ok(e) => entries.push((e, st, child)),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => self.report.skip(abs, &e),
             }
@@ -321,7 +356,7 @@ impl Walker<'_> {
 
         // Subdirectories first: their trees must exist before this one's.
         let mut gone = Vec::new();
-        for (i, (e, st)) in entries.iter().enumerate() {
+        for (i, (e, st, child)) in entries.iter().enumerate() {
             if e.kind() != Kind::Dir {
                 continue;
             }
@@ -335,7 +370,7 @@ impl Walker<'_> {
                 // A mount point: kept as an empty directory, its filesystem is not ours.
                 self.emit(rel, Vec::new(), 0)
             } else {
-                self.walk(abs, rel)
+                self.walk(abs, rel, *child)
             };
             match res {
                 Ok(()) => {}
@@ -357,7 +392,7 @@ impl Walker<'_> {
         let record = self.cache.as_mut().and_then(|c| c.lookup(rel));
         let mut pending = Vec::with_capacity(entries.len());
         let mut subdirs = 0;
-        for (mut e, st) in entries {
+        for (mut e, st, _) in entries {
             match e.kind() {
                 Kind::Dir => {
                     subdirs += 1;

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use crossbeam_channel::Receiver;
 use morgana_core::Id;
 use morgana_core::pack::BlobKind;
+use morgana_core::policy::Area;
 use morgana_core::tree::{Content, Kind, Tree};
 use tokio::runtime::Handle;
 
@@ -93,6 +94,8 @@ pub struct Options<'a> {
     pub state_dir: &'a Path,
     /// False to read every file and offer every tree (after the appliance lost something).
     pub use_cache: bool,
+    /// What the device's policy leaves out.
+    pub unprotected: &'a Area,
     pub progress: &'a indicatif::ProgressBar,
 }
 
@@ -208,6 +211,7 @@ fn scan(
             root: opts.root.to_path_buf(),
             root_dev: root_stat.dev,
             skip,
+            unprotected: opts.unprotected.clone(),
             cache: cache_in,
             jobs: job_tx,
             events: ev_tx,
@@ -357,6 +361,7 @@ mod tests {
     use std::os::unix::fs::{PermissionsExt, symlink};
 
     use crate::upload::Blob;
+    use morgana_core::control::RuleSet;
     use morgana_core::tree::Entry;
 
     /// Runs the scan with a sink that keeps every blob, like an appliance that has nothing.
@@ -364,6 +369,20 @@ mod tests {
         root: &Path,
         state: &Path,
         use_cache: bool,
+    ) -> (Id, Counts, HashMap<Id, Vec<u8>>, u64) {
+        scan_with(
+            root,
+            state,
+            use_cache,
+            &Area::unprotected(&RuleSet::default()).unwrap(),
+        )
+    }
+
+    fn scan_with(
+        root: &Path,
+        state: &Path,
+        use_cache: bool,
+        unprotected: &Area,
     ) -> (Id, Counts, HashMap<Id, Vec<u8>>, u64) {
         let budget = Budget::new(upload::BUDGET_BYTES);
         let (tx, rx) = crossbeam_channel::unbounded::<Blob>();
@@ -378,6 +397,7 @@ mod tests {
             root,
             state_dir: state,
             use_cache,
+            unprotected,
             progress: &progress,
         };
         // Keep blobs as they come so the budget never fills.
@@ -501,5 +521,77 @@ mod tests {
         // Without the cache everything is read again.
         let (_, _, _, read4) = scan_all(&root, &state, false);
         assert_eq!(read4, 5);
+    }
+
+    fn names(t: &Tree) -> Vec<String> {
+        t.entries
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn the_unprotected_area_is_left_out_and_the_cache_survives_policy_changes() {
+        let top = tempfile::tempdir().unwrap();
+        let root = top.path().join("root");
+        let state = top.path().join("state");
+        fs::create_dir_all(root.join("data/big/deep")).unwrap();
+        fs::create_dir_all(root.join("data/keep")).unwrap();
+        fs::create_dir_all(root.join("tmp")).unwrap();
+        fs::create_dir_all(&state).unwrap();
+        for (i, f) in [
+            "data/big/a",
+            "data/big/deep/b",
+            "data/keep/c",
+            "data/x.iso",
+            "top",
+        ]
+        .iter()
+        .enumerate()
+        {
+            fs::write(root.join(f), vec![b'a' + i as u8; 1000]).unwrap();
+        }
+        fs::write(root.join("tmp/scratch"), b"factory rules leave /tmp out").unwrap();
+        let area = |rules: &[&str], exceptions: &[&str]| {
+            Area::unprotected(&RuleSet {
+                rules: rules.iter().map(|s| s.to_string()).collect(),
+                exceptions: exceptions.iter().map(|s| s.to_string()).collect(),
+            })
+            .unwrap()
+        };
+
+        let (id, counts, blobs, read) = scan_with(&root, &state, true, &area(&[], &[]));
+        assert_eq!((counts.files, read), (5, 5));
+        assert_eq!(
+            names(&tree(&blobs, &id)),
+            ["data", "top"],
+            "/tmp is factory-unprotected"
+        );
+
+        // Leaving out a folder and a file pattern reads nothing again.
+        let policy = area(&["/data/big", "/**/*.iso"], &[]);
+        let (id, counts, blobs, read) = scan_with(&root, &state, true, &policy);
+        assert_eq!((counts.files, read), (2, 0));
+        let Content::Tree(data) = find(&tree(&blobs, &id), b"data").content else {
+            panic!()
+        };
+        assert_eq!(names(&tree(&blobs, &data)), ["keep"]);
+
+        // Taking them back reads only them.
+        let (_, counts, _, read) = scan_with(&root, &state, true, &area(&[], &[]));
+        assert_eq!((counts.files, read), (5, 3));
+
+        // An exception inside a left-out folder keeps just that part.
+        let policy = area(&["/data"], &["/data/big/deep"]);
+        let (id, counts, blobs, read) = scan_with(&root, &state, true, &policy);
+        assert_eq!((counts.files, read), (2, 0));
+        let Content::Tree(data) = find(&tree(&blobs, &id), b"data").content else {
+            panic!()
+        };
+        assert_eq!(names(&tree(&blobs, &data)), ["big"]);
+        let Content::Tree(big) = find(&tree(&blobs, &data), b"big").content else {
+            panic!()
+        };
+        assert_eq!(names(&tree(&blobs, &big)), ["deep"]);
     }
 }

@@ -5,9 +5,13 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use morgana_core::control::AgentPolicy;
 use serde::{Deserialize, Serialize};
 
 const DEVICE_FILE: &str = "device.json";
+/// The policy fetched at the last sync (`morgana_core::control::AgentPolicy`), for the
+/// parts of the agent that run without asking the appliance.
+pub const POLICY_FILE: &str = "policy.json";
 pub const CLIENT_KEY_FILE: &str = "client.key";
 pub const CLIENT_CERT_FILE: &str = "client.crt";
 pub const CA_CERT_FILE: &str = "ca.crt";
@@ -139,5 +143,26 @@ impl State {
     pub fn save_device(&self, device: &Device) -> Result<(), StateError> {
         let json = serde_json::to_vec_pretty(device).expect("device serializes");
         self.write(DEVICE_FILE, &json, 0o600)
+    }
+
+    pub fn save_policy(&self, policy: &AgentPolicy) -> Result<(), StateError> {
+        let json = serde_json::to_vec_pretty(policy).expect("policy serializes");
+        self.write(POLICY_FILE, &json, 0o600)
+    }
+
+    /// The policy saved by the last sync; `None` before the first.
+    pub fn policy(&self) -> Result<Option<AgentPolicy>, StateError> {
+        let path = self.path(POLICY_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StateError::Damaged {
+                path,
+                reason: e.to_string(),
+            })
     }
 }

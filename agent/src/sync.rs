@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use indicatif::ProgressBar;
+use morgana_core::policy::Area;
 use morgana_core::wire::{CommitRequest, SnapshotStats};
 use serde::Serialize;
 
@@ -25,6 +26,9 @@ pub struct Summary {
     pub bytes_sent: u64,
     pub new_chunks: u64,
     pub duration_ms: u64,
+    /// The policy applied: its name and (appliance-wide) version.
+    pub policy: String,
+    pub policy_version: u64,
     pub files_read: u64,
     pub changed_while_reading: Vec<String>,
     pub skipped: Vec<Skipped>,
@@ -39,6 +43,22 @@ pub async fn sync_once(
 ) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let device = state.device()?;
+    // Every sync applies the policy as it is now; the saved copy serves the parts of the
+    // agent that work without the appliance.
+    let policy = client.policy().await?;
+    let unprotected = Area::unprotected(&policy.unprotected).with_context(|| {
+        format!(
+            "the appliance sent policy {} (version {}) with a rule this agent cannot use; \
+             fix the policy on the appliance (`morgana policy set`) or update the agent",
+            policy.name, policy.version
+        )
+    })?;
+    let held = state.policy().ok().flatten().map(|p| (p.name, p.version));
+    if held.as_ref() != Some(&(policy.name.clone(), policy.version)) {
+        tracing::info!(policy = %policy.name, version = policy.version, before = ?held, "applying a new policy");
+        state.save_policy(&policy)?;
+    }
+    let unprotected = Arc::new(unprotected);
     let sent_before = client.bytes_sent();
     let mut files_read = 0;
     let mut new_chunks = 0;
@@ -48,12 +68,14 @@ pub async fn sync_once(
         let taken = {
             let (client, report, progress) = (client.clone(), report.clone(), progress.clone());
             let (root, state_dir) = (device.root.clone(), state.dir.clone());
+            let unprotected = unprotected.clone();
             let rt = tokio::runtime::Handle::current();
             tokio::task::spawn_blocking(move || {
                 let opts = Options {
                     root: &root,
                     state_dir: &state_dir,
                     use_cache,
+                    unprotected: &unprotected,
                     progress: &progress,
                 };
                 snapshot::take(client, &rt, &opts, &report)
@@ -103,6 +125,8 @@ pub async fn sync_once(
         bytes_sent: client.bytes_sent() - sent_before,
         new_chunks,
         duration_ms: started.elapsed().as_millis() as u64,
+        policy: policy.name,
+        policy_version: policy.version,
         files_read,
         changed_while_reading: drain(&report.changed_while_reading),
         skipped: drain(&report.skipped),

@@ -26,6 +26,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tracing::{error, info, warn};
 
 use crate::catalog::{BlobLocation, Catalog, CatalogError, Device};
+
+mod policy;
 use crate::events::{NewEvent, Severity};
 use crate::snapshot::{self, Closure, ClosureError};
 use crate::store::{PackStore, PackStoreError, with_codec};
@@ -77,6 +79,10 @@ pub fn router(state: AppState) -> Router {
             post(commit_snapshot).get(list_snapshots),
         )
         .route(wire::PATH_BLOBS, post(fetch_blobs))
+        .route(
+            morgana_core::control::PATH_POLICY,
+            get(policy::device_policy),
+        )
         .layer(middleware::from_fn(require_protocol));
     Router::new()
         .route(wire::PATH_HEALTH, get(|| async { "ok" }))

@@ -19,6 +19,7 @@ use morgana_core::plugin::types::LayerKind;
 use morgana_core::wire::SnapshotInfo;
 
 use crate::events::{ChainCheck, Event, EventFilter, NewEvent};
+use crate::policy::{PolicySpec, PolicyVersion};
 
 pub use sqlite::SqliteCatalog;
 
@@ -53,6 +54,13 @@ pub enum CatalogError {
     TokenUsedUp,
     #[error("there is no plugin with id {0}: list them with `morgana plugin list`")]
     PluginUnknown(i64),
+    #[error(
+        "there is no policy {0:?}: list them with `morgana policy list`, create one with \
+         `morgana policy set NAME --file POLICY.toml`"
+    )]
+    PolicyUnknown(String),
+    #[error("there is no device {0:?} (by id or hostname); nothing was changed")]
+    DeviceUnknown(String),
 }
 
 pub type Result<T, E = CatalogError> = std::result::Result<T, E>;
@@ -327,6 +335,49 @@ pub trait Catalog: Send + Sync {
 
     /// `(seq, root)` of layers with `seq > after_seq`, in seq order.
     async fn layer_roots_page(&self, after_seq: i64, limit: u32) -> Result<Vec<(i64, Id)>>;
+
+    // ---- Upload policies and alerts (issue 3) ----
+
+    /// Saves `spec` as the next version of policy `name` (creating it), which is then the
+    /// one in force for its devices.
+    async fn save_policy(
+        &self,
+        name: &str,
+        spec: &PolicySpec,
+        created: &str,
+        actor: &str,
+    ) -> Result<PolicyVersion>;
+
+    /// One version of a policy, or the one in force with `None`.
+    async fn policy(&self, name: &str, version: Option<u64>) -> Result<Option<PolicyVersion>>;
+
+    /// Every saved version of a policy, oldest first.
+    async fn policy_history(&self, name: &str) -> Result<Vec<PolicyVersion>>;
+
+    /// The version in force of every policy, by name, with how many devices follow it.
+    async fn policies(&self) -> Result<Vec<(PolicyVersion, u64)>>;
+
+    /// The version in force of the device's policy. Fails with `DeviceUnknown`.
+    async fn device_policy(&self, device_id: &str) -> Result<PolicyVersion>;
+
+    /// Devices whose id or hostname is `id_or_hostname`.
+    async fn find_devices(&self, id_or_hostname: &str) -> Result<Vec<Device>>;
+
+    /// Moves devices to policy `name`, all or none; returns the policy each had before.
+    /// Fails with `PolicyUnknown` or `DeviceUnknown` and changes nothing then.
+    async fn assign_policy(&self, name: &str, device_ids: &[String]) -> Result<Vec<String>>;
+
+    /// Every device with its policy in force and its newest snapshot, by id.
+    async fn device_protection(&self) -> Result<Vec<DeviceProtection>>;
+
+    /// Opens an alert episode; false (and nothing changes) if one is open under its key.
+    async fn open_alert(&self, alert: &OpenAlert) -> Result<bool>;
+
+    /// Closes the episode open under `key`, returning it; `None` if none was open.
+    async fn close_alert(&self, key: &str) -> Result<Option<OpenAlert>>;
+
+    /// The open alert episodes, oldest first.
+    async fn open_alerts(&self) -> Result<Vec<OpenAlert>>;
 }
 
 /// A layer version about to be recorded.
@@ -358,6 +409,27 @@ pub struct LayerRecord {
     pub seq: i64,
     pub version: u32,
     pub layer: NewLayer,
+}
+
+/// A device as the stale-device alert sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceProtection {
+    pub device: Device,
+    pub policy: PolicyVersion,
+    /// RFC 3339 UTC of its newest snapshot.
+    pub newest_snapshot: Option<String>,
+}
+
+/// An alert raised and not yet recovered.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct OpenAlert {
+    /// What it is about, e.g. `no-recent-snapshot:<device>`: one open episode per key.
+    pub key: String,
+    /// The event kind that raised it.
+    pub kind: String,
+    pub device_id: Option<String>,
+    pub since_ms: i64,
+    pub message: String,
 }
 
 /// A plugin about to be recorded.

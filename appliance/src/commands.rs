@@ -1,10 +1,12 @@
 //! The `morgana` subcommands, one module per verb.
 
+pub mod alerts;
 pub mod check;
 pub mod enroll_token;
 pub mod events;
 pub mod gc;
 pub mod layer;
 pub mod plugin;
+pub mod policy;
 pub mod serve;
 pub mod snapshot;

@@ -38,7 +38,7 @@ use tracing::{info, warn};
 use crate::catalog::{Catalog, CatalogError, Fenced, GcHorizon, PackUsage};
 use crate::clock;
 use crate::events::{self, NewEvent, Severity};
-use crate::retention::{self, Dated, Retention};
+use crate::retention::{self, Dated, RetentionOverride};
 use crate::store::{PackStore, PackStoreError, TreeLoadError, with_codec};
 
 const PAGE: u32 = 1000;
@@ -50,7 +50,11 @@ const HOUR_MS: i64 = 3_600_000;
 pub struct GcOptions {
     /// Report what would be pruned and freed; delete nothing.
     pub dry_run: bool,
-    pub retention: Retention,
+    /// Over each device's policy retention.
+    pub retention_override: RetentionOverride,
+    /// The time taken as now for hold expiry and the pack grace period (wall clock when
+    /// `None`). Retention itself depends only on the snapshots' times.
+    pub now_ms: Option<i64>,
     /// A hold older than this is an abandoned sync and keeps nothing.
     pub hold_ttl_ms: i64,
     /// Retired pack files are deleted this long after they were retired.
@@ -61,11 +65,18 @@ pub struct GcOptions {
     pub lease_ttl_ms: i64,
 }
 
+impl GcOptions {
+    fn now(&self) -> i64 {
+        self.now_ms.unwrap_or_else(clock::now_ms)
+    }
+}
+
 impl Default for GcOptions {
     fn default() -> Self {
         GcOptions {
             dry_run: false,
-            retention: Retention::default(),
+            retention_override: RetentionOverride::default(),
+            now_ms: None,
             hold_ttl_ms: 7 * 24 * HOUR_MS,
             pack_grace_ms: HOUR_MS,
             repack_below: 0.5,
@@ -149,7 +160,7 @@ pub async fn run(
         opts,
         holder,
         seen: GcHorizon::default(),
-        hold_cutoff_ms: clock::now_ms() - opts.hold_ttl_ms,
+        hold_cutoff_ms: opts.now() - opts.hold_ttl_ms,
         would_prune: Default::default(),
         report: GcReport {
             dry_run: opts.dry_run,
@@ -243,9 +254,11 @@ impl Collector<'_> {
         }
     }
 
-    /// Applies retention to every device's snapshots.
+    /// Applies each device's policy retention (with the overrides) to its snapshots.
     async fn prune(&mut self) -> Result<(), GcError> {
         for device in self.catalog.snapshot_devices().await? {
+            let policy = self.catalog.device_policy(&device).await?;
+            let rules = self.opts.retention_override.apply(policy.spec.retention);
             let snapshots = self.catalog.device_snapshots(&device).await?;
             let dated: Vec<Dated> = snapshots
                 .iter()
@@ -255,7 +268,7 @@ impl Collector<'_> {
                     pinned: s.pinned.is_some(),
                 })
                 .collect();
-            let keep = retention::keep(&dated, &self.opts.retention);
+            let keep = retention::keep(&dated, &rules);
             let drop: Vec<String> = dated
                 .into_iter()
                 .filter(|s| !keep.contains(&s.id))
@@ -267,7 +280,7 @@ impl Collector<'_> {
                 self.would_prune.extend(drop);
             } else if !drop.is_empty() {
                 self.report.snapshots_pruned += self.catalog.delete_snapshots(&drop).await?;
-                info!(device, pruned = drop.len(), "retention applied");
+                info!(device, policy = %policy.name, version = policy.version, ?rules, pruned = drop.len(), "retention applied");
             }
         }
         Ok(())
@@ -467,7 +480,7 @@ impl Collector<'_> {
                 if usage.live_blobs == 0 {
                     if self
                         .catalog
-                        .retire_pack(usage.pack.id, clock::now_ms())
+                        .retire_pack(usage.pack.id, self.opts.now())
                         .await?
                     {
                         self.report.packs_retired += 1;
@@ -526,7 +539,7 @@ impl Collector<'_> {
         })
         .await??;
         self.catalog
-            .gc_move_blobs(old.id, &record, &moved, clock::now_ms())
+            .gc_move_blobs(old.id, &record, &moved, self.opts.now())
             .await?;
         self.report.packs_rewritten += 1;
         info!(old = %old.id, new = %record.id, blobs = moved.len(), "pack rewritten");
@@ -534,7 +547,7 @@ impl Collector<'_> {
     }
 
     async fn delete_dead_packs(&mut self) -> Result<(), GcError> {
-        let before = clock::now_ms() - self.opts.pack_grace_ms;
+        let before = self.opts.now() - self.opts.pack_grace_ms;
         loop {
             let page = self.catalog.dead_packs_before(before, PAGE).await?;
             if page.is_empty() {
@@ -562,6 +575,8 @@ impl Collector<'_> {
 mod tests {
     use super::*;
     use crate::catalog::{Device, SqliteCatalog};
+    use crate::policy::PolicySpec;
+    use crate::retention::Retention;
     use morgana_core::pack::Codec;
     use morgana_core::tree::{Entry, Kind};
     use morgana_core::wire::{SnapshotInfo, SnapshotStats};
@@ -665,12 +680,12 @@ mod tests {
 
     fn only_newest() -> GcOptions {
         GcOptions {
-            retention: Retention {
+            retention_override: RetentionOverride::all(Retention {
                 hourly: 0,
                 daily: 1,
                 weekly: 0,
                 monthly: 0,
-            },
+            }),
             pack_grace_ms: 0,
             ..GcOptions::default()
         }
@@ -837,5 +852,82 @@ mod tests {
             Fenced::NewRoots(now)
         );
         assert!(r.catalog.missing_blobs(&[e.0]).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn each_device_keeps_what_its_policy_says_unless_overridden() {
+        let r = repo().await;
+        let t = tree(&[]);
+        store_pack(&r, &[(BlobKind::Tree, &t)]).await;
+        for device in ["d1", "d2"] {
+            for day in 1..=4 {
+                let created = format!("2026-10-{day:02}T12:00:00.000Z");
+                snapshot(&r, &format!("{device}-{day}"), device, t.0, &created).await;
+            }
+        }
+        let daily = |n| PolicySpec {
+            retention: Retention {
+                hourly: 0,
+                daily: n,
+                weekly: 0,
+                monthly: 0,
+            },
+            ..PolicySpec::default()
+        };
+        r.catalog
+            .save_policy("one-a-day", &daily(3), "t", "cli")
+            .await
+            .unwrap();
+        r.catalog
+            .save_policy("newest", &daily(1), "t", "cli")
+            .await
+            .unwrap();
+        r.catalog
+            .assign_policy("one-a-day", &["d1".into()])
+            .await
+            .unwrap();
+        r.catalog
+            .assign_policy("newest", &["d2".into()])
+            .await
+            .unwrap();
+        let ids = |device: &'static str| {
+            let catalog = r.catalog.clone();
+            async move {
+                let mut v: Vec<String> = catalog
+                    .device_snapshots(device)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|s| s.id)
+                    .collect();
+                v.sort();
+                v
+            }
+        };
+        let overridden = GcOptions {
+            retention_override: RetentionOverride {
+                daily: Some(2),
+                ..Default::default()
+            },
+            ..GcOptions::default()
+        };
+        // An override of one tier applies to every device, over both policies.
+        let dry = run(
+            &r.catalog,
+            &r.store,
+            &GcOptions {
+                dry_run: true,
+                ..overridden
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(dry.snapshots_pruned, 4);
+        let report = run(&r.catalog, &r.store, &GcOptions::default())
+            .await
+            .unwrap();
+        assert_eq!((report.snapshots_kept, report.snapshots_pruned), (4, 4));
+        assert_eq!(ids("d1").await, ["d1-2", "d1-3", "d1-4"]);
+        assert_eq!(ids("d2").await, ["d2-4"]);
     }
 }

@@ -1,5 +1,6 @@
 //! `morgana`: the Morgana appliance in one binary.
 
+mod alerts;
 mod api;
 mod catalog;
 mod clock;
@@ -9,6 +10,7 @@ mod events;
 mod gc;
 mod hooks;
 mod layers;
+mod policy;
 mod random;
 mod retention;
 mod snapshot;
@@ -53,6 +55,12 @@ enum Command {
     /// Manage WASM plugins: add, list, enable, disable, and test one call.
     #[command(subcommand)]
     Plugin(commands::plugin::Command),
+    /// Manage upload policies: what devices protect, how often, how long it is kept.
+    #[command(subcommand)]
+    Policy(commands::policy::Command),
+    /// Run the alert checks (stale devices, full volumes) once.
+    #[command(subcommand)]
+    Alerts(commands::alerts::Command),
 }
 
 /// Exit status for failures (as opposed to `check` finding damage, which is 1).
@@ -99,6 +107,8 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Plugin(cmd) => commands::plugin::run(cmd).await,
+            Command::Policy(cmd) => commands::policy::run(cmd).await.map(|()| ExitCode::SUCCESS),
+            Command::Alerts(cmd) => commands::alerts::run(cmd).await.map(|()| ExitCode::SUCCESS),
         }
     });
     match result {

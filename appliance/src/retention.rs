@@ -30,6 +30,38 @@ impl Default for Retention {
     }
 }
 
+/// Tiers set for every device at once (`--keep-*` of `serve` and `gc`), over what each
+/// device's policy says; `None` leaves the policy's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetentionOverride {
+    pub hourly: Option<u32>,
+    pub daily: Option<u32>,
+    pub weekly: Option<u32>,
+    pub monthly: Option<u32>,
+}
+
+impl RetentionOverride {
+    /// The same tiers for every device, whatever their policies say.
+    #[cfg(test)]
+    pub fn all(rules: Retention) -> RetentionOverride {
+        RetentionOverride {
+            hourly: Some(rules.hourly),
+            daily: Some(rules.daily),
+            weekly: Some(rules.weekly),
+            monthly: Some(rules.monthly),
+        }
+    }
+
+    pub fn apply(&self, policy: Retention) -> Retention {
+        Retention {
+            hourly: self.hourly.unwrap_or(policy.hourly),
+            daily: self.daily.unwrap_or(policy.daily),
+            weekly: self.weekly.unwrap_or(policy.weekly),
+            monthly: self.monthly.unwrap_or(policy.monthly),
+        }
+    }
+}
+
 /// What retention needs to know of one snapshot.
 #[derive(Clone, Debug)]
 pub struct Dated {

@@ -121,6 +121,9 @@ pub struct RuleSet {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentPolicy {
     pub name: String,
+    /// Appliance-wide: every save of any policy takes the next number, so the version
+    /// changes whenever what the device must apply changes, a move to another policy
+    /// included.
     pub version: u64,
     /// Never uploaded. The factory rules are already merged in.
     pub unprotected: RuleSet,

@@ -9,6 +9,10 @@
 //!
 //! Macros expand before matching: `%home%` is every user's home folder (`/home/*` and
 //! `/root`).
+//!
+//! The factory rules ([`FACTORY_UNPROTECTED`], added by [`Area::unprotected`]) are beyond
+//! exceptions: no policy can protect `/proc` or a cache, so an exception beneath one of
+//! them has no effect there.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -48,6 +52,8 @@ pub enum PolicyError {
 /// A compiled [`RuleSet`].
 #[derive(Clone, Debug)]
 pub struct Area {
+    /// Rules no exception lifts (the factory rules).
+    forced: GlobSet,
     rules: GlobSet,
     exceptions: GlobSet,
     /// The literal start of each exception pattern (up to its first glob character): a
@@ -58,13 +64,14 @@ pub struct Area {
 /// Where a path stands, computed from its parent's standing by [`Area::child`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Standing {
+    forced_above: bool,
     rule_above: bool,
     exception_above: bool,
 }
 
 impl Standing {
     pub fn in_area(self) -> bool {
-        self.rule_above && !self.exception_above
+        self.forced_above || (self.rule_above && !self.exception_above)
     }
 }
 
@@ -78,11 +85,7 @@ impl Area {
         Self::compile_with(set, FACTORY_UNPROTECTED)
     }
 
-    fn compile_with(set: &RuleSet, extra_rules: &[&str]) -> Result<Area, PolicyError> {
-        let rules = extra_rules
-            .iter()
-            .copied()
-            .chain(set.rules.iter().map(String::as_str));
+    fn compile_with(set: &RuleSet, forced: &[&str]) -> Result<Area, PolicyError> {
         let mut exception_prefixes = Vec::new();
         for e in &set.exceptions {
             for expanded in expand(e)? {
@@ -93,7 +96,8 @@ impl Area {
             }
         }
         Ok(Area {
-            rules: glob_set(rules)?,
+            forced: glob_set(forced.iter().copied())?,
+            rules: glob_set(set.rules.iter().map(String::as_str))?,
             exceptions: glob_set(set.exceptions.iter().map(String::as_str))?,
             exception_prefixes,
         })
@@ -104,6 +108,7 @@ impl Area {
     pub fn child(&self, parent: Standing, path: &[u8]) -> Standing {
         let p = OsStr::from_bytes(path);
         Standing {
+            forced_above: parent.forced_above || self.forced.is_match(p),
             rule_above: parent.rule_above || self.rules.is_match(p),
             exception_above: parent.exception_above || self.exceptions.is_match(p),
         }
@@ -123,16 +128,18 @@ impl Area {
     /// Whether everything at and beneath the folder `dir` (with standing `standing`) is in
     /// the area, so a walk can skip it without looking inside.
     pub fn covers_subtree(&self, standing: Standing, dir: &[u8]) -> bool {
-        standing.in_area()
-            && !self.exception_prefixes.iter().any(|prefix| {
-                // An exception may match beneath `dir` if one of them is a prefix of the other.
-                let n = prefix.len().min(dir.len());
-                prefix[..n] == dir[..n]
-            })
+        standing.forced_above
+            || (standing.in_area()
+                && !self.exception_prefixes.iter().any(|prefix| {
+                    // An exception may match beneath `dir` if one of them is a prefix of the
+                    // other.
+                    let n = prefix.len().min(dir.len());
+                    prefix[..n] == dir[..n]
+                }))
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
+        self.rules.is_empty() && self.forced.is_empty()
     }
 }
 
@@ -288,6 +295,29 @@ mod tests {
         }
         assert!(area.contains(b"/a/b/c/z"));
         assert!(area.contains(b"/x/y"));
+    }
+
+    #[test]
+    fn exceptions_do_not_lift_factory_rules() {
+        // The appliance sends the factory rules merged into the policy's own.
+        let mut rules = vec!["/home".to_string()];
+        rules.extend(FACTORY_UNPROTECTED.iter().map(|r| r.to_string()));
+        let merged = RuleSet {
+            rules,
+            exceptions: vec!["/home/alice".into(), "/tmp/keep".into()],
+        };
+        let area = Area::unprotected(&merged).unwrap();
+        assert!(!area.contains(b"/home/alice/doc.txt"));
+        assert!(area.contains(b"/home/bob/doc.txt"));
+        assert!(area.contains(b"/home/alice/.cache/x"));
+        assert!(area.contains(b"/tmp/keep/x"));
+        let tmp = area.child(Standing::default(), b"/tmp");
+        assert!(area.covers_subtree(tmp, b"/tmp"));
+        let home = area.child(Standing::default(), b"/home");
+        let alice = area.child(home, b"/home/alice");
+        let cache = area.child(alice, b"/home/alice/.cache");
+        assert!(!alice.in_area());
+        assert!(area.covers_subtree(cache, b"/home/alice/.cache"));
     }
 
     #[test]

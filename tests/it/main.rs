@@ -7,6 +7,7 @@ mod fidelity;
 mod gc;
 mod layers;
 mod plugins;
+mod policy;
 mod protocol;
 mod resume;
 

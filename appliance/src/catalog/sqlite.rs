@@ -16,15 +16,17 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Row};
 
 use super::{
-    BlobLocation, Catalog, CatalogError, Device, Fenced, GcHorizon, LayerRecord, NewLayer,
-    NewPlugin, PackRecord, PackUsage, PluginRecord, Result,
+    BlobLocation, Catalog, CatalogError, Device, DeviceProtection, Fenced, GcHorizon,
+    LayerRecord, NewLayer, NewPlugin, OpenAlert, PackRecord, PackUsage, PluginRecord, Result,
 };
 use crate::events::{ChainCheck, Event, EventFilter, NewEvent};
+use crate::policy::{PolicySpec, PolicyVersion};
 use morgana_core::plugin::Hook;
 
 mod events;
 mod layers;
 mod plugins;
+mod policies;
 
 /// Ids per `IN (…)` lookup: far below SQLite's variable limit, large enough to amortise.
 const BATCH: usize = 500;
@@ -1121,6 +1123,56 @@ impl Catalog for SqliteCatalog {
 
     async fn layer_roots_page(&self, after_seq: i64, limit: u32) -> Result<Vec<(i64, Id)>> {
         self.layers_roots_page(after_seq, limit).await
+    }
+
+    async fn save_policy(
+        &self,
+        name: &str,
+        spec: &PolicySpec,
+        created: &str,
+        actor: &str,
+    ) -> Result<PolicyVersion> {
+        self.policies_save(name, spec, created, actor).await
+    }
+
+    async fn policy(&self, name: &str, version: Option<u64>) -> Result<Option<PolicyVersion>> {
+        self.policies_get(name, version).await
+    }
+
+    async fn policy_history(&self, name: &str) -> Result<Vec<PolicyVersion>> {
+        self.policies_history(name).await
+    }
+
+    async fn policies(&self) -> Result<Vec<(PolicyVersion, u64)>> {
+        self.policies_in_force().await
+    }
+
+    async fn device_policy(&self, device_id: &str) -> Result<PolicyVersion> {
+        self.policies_of_device(device_id).await
+    }
+
+    async fn find_devices(&self, id_or_hostname: &str) -> Result<Vec<Device>> {
+        self.policies_find_devices(id_or_hostname).await
+    }
+
+    async fn assign_policy(&self, name: &str, device_ids: &[String]) -> Result<Vec<String>> {
+        self.policies_assign(name, device_ids).await
+    }
+
+    async fn device_protection(&self) -> Result<Vec<DeviceProtection>> {
+        self.policies_protection().await
+    }
+
+    async fn open_alert(&self, alert: &OpenAlert) -> Result<bool> {
+        self.alerts_open(alert).await
+    }
+
+    async fn close_alert(&self, key: &str) -> Result<Option<OpenAlert>> {
+        self.alerts_close(key).await
+    }
+
+    async fn open_alerts(&self) -> Result<Vec<OpenAlert>> {
+        self.alerts_all().await
     }
 }
 

@@ -11,7 +11,7 @@ use crate::catalog::{Catalog, SqliteCatalog};
 use crate::commands::enroll_token::parse_duration;
 use crate::config::{DEFAULT_DATA_DIR, DataDir};
 use crate::gc::{self, GcOptions, GcReport};
-use crate::retention::Retention;
+use crate::retention::RetentionOverride;
 use crate::store::PackStore;
 
 #[derive(Debug, clap::Args)]
@@ -27,25 +27,42 @@ pub struct Args {
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Take this time (RFC 3339) as now for hold expiry and the pack grace period, for
+    /// audits and tests. Retention depends only on the snapshots' own times.
+    #[arg(long, value_name = "RFC3339", value_parser = parse_now)]
+    pub now: Option<i64>,
     #[command(flatten)]
     pub tuning: Tuning,
 }
 
+/// An RFC 3339 time as unix milliseconds, for `--now`.
+pub fn parse_now(s: &str) -> Result<i64, String> {
+    crate::clock::parse_rfc3339_ms(s)
+        .ok_or_else(|| format!("`{s}` is not an RFC 3339 time such as 2026-11-26T08:00:00Z"))
+}
+
 /// What `gc` and the schedule inside `serve` share.
+///
+/// Retention comes from each device's policy (`morgana policy show`); a `--keep-*` flag,
+/// when given, overrides that tier for every device.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Tuning {
-    /// Keep the newest snapshot of each of this many recent hours (per device).
-    #[arg(long, value_name = "N", default_value_t = Retention::default().hourly)]
-    pub keep_hourly: u32,
-    /// Keep the newest snapshot of each of this many recent days.
-    #[arg(long, value_name = "N", default_value_t = Retention::default().daily)]
-    pub keep_daily: u32,
-    /// Keep the newest snapshot of each of this many recent ISO weeks.
-    #[arg(long, value_name = "N", default_value_t = Retention::default().weekly)]
-    pub keep_weekly: u32,
-    /// Keep the newest snapshot of each of this many recent months.
-    #[arg(long, value_name = "N", default_value_t = Retention::default().monthly)]
-    pub keep_monthly: u32,
+    /// Override every device's policy: keep the newest snapshot of each of this many recent
+    /// hours. Default: each device's policy decides.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Override every device's policy: keep the newest snapshot of each of this many recent
+    /// days. Default: each device's policy decides.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Override every device's policy: keep the newest snapshot of each of this many recent
+    /// ISO weeks. Default: each device's policy decides.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Override every device's policy: keep the newest snapshot of each of this many recent
+    /// months. Default: each device's policy decides.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
     /// Pack files no longer used are deleted this long after (so restores in flight finish).
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     pub pack_grace: Duration,
@@ -59,7 +76,7 @@ impl Tuning {
         let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         GcOptions {
             dry_run,
-            retention: Retention {
+            retention_override: RetentionOverride {
                 hourly: self.keep_hourly,
                 daily: self.keep_daily,
                 weekly: self.keep_weekly,
@@ -82,7 +99,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.volumes
     };
     let store = Arc::new(PackStore::open(&volumes)?);
-    let result = gc::run(&catalog, &store, &args.tuning.options(args.dry_run)).await;
+    let options = GcOptions {
+        now_ms: args.now,
+        ..args.tuning.options(args.dry_run)
+    };
+    let result = gc::run(&catalog, &store, &options).await;
     catalog.close().await;
     let report = result.context("garbage collection stopped")?;
     if args.json {

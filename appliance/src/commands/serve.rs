@@ -33,6 +33,10 @@ pub struct Args {
     pub gc_every: Every,
     #[command(flatten)]
     pub gc: crate::commands::gc::Tuning,
+    /// Check for stale devices and full volumes this often (raising `alert.*` events), or
+    /// `off`.
+    #[arg(long, value_name = "DURATION|off", env = "MORGANA_ALERT_CHECK_EVERY", default_value = "5m", value_parser = parse_every)]
+    pub alert_check_every: Every,
 }
 
 /// An interval, or none (`off`).
@@ -77,6 +81,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     crate::commands::plugin::check_active(catalog.as_ref(), &data).await;
     let store = Arc::new(store);
     let state = AppState::new(catalog.clone(), store.clone(), Arc::new(pki));
+    if let Every(Some(every)) = args.alert_check_every {
+        let catalog = catalog.clone();
+        let volumes = store.volumes().to_vec();
+        tokio::spawn(async move {
+            // The first check at start: a device may have gone stale while we were down.
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let now = crate::clock::now_ms();
+                if let Err(e) = crate::alerts::check(catalog.as_ref(), &volumes, now).await {
+                    warn!(error = %e, "the alert check failed; it runs again at the next interval");
+                }
+            }
+        });
+    }
     if let Every(Some(every)) = args.gc_every {
         let options = args.gc.options(false);
         let catalog = catalog.clone();

@@ -1,0 +1,383 @@
+//! Upload policies: what a device protects (its unprotected area is left out, its user area
+//! is kept in place by system-only reverts), how often it syncs, how long its snapshots are
+//! kept, and after how long without a snapshot it raises an alert.
+//!
+//! Administrators write a policy as TOML (`morgana policy set NAME --file POLICY.toml`):
+//!
+//! ```toml
+//! unprotected = { rules = ["%home%/Downloads", "/data/big"], exceptions = [] }
+//! user_area = { rules = ["%home%"] }
+//! sync_interval = "60m"
+//! alert_after = "24h"
+//!
+//! [retention]
+//! hourly = 24
+//! daily = 14
+//! weekly = 8
+//! monthly = 12
+//! ```
+//!
+//! Every field may be left out (it takes the built-in default's value); an unknown field or
+//! an unusable rule refuses the whole file. The factory rules
+//! (`morgana_core::policy::FACTORY_UNPROTECTED`) are never stored: they are merged into the
+//! unprotected area whenever a policy goes to an agent, so no policy can drop them.
+
+use morgana_core::control::{AgentPolicy, RuleSet};
+use morgana_core::policy::{self as areas, FACTORY_UNPROTECTED};
+use serde::{Deserialize, Serialize};
+
+use crate::commands::enroll_token::parse_duration;
+use crate::retention::Retention;
+
+const MAX_NAME: usize = 64;
+/// Bounds that keep a typo from making a policy useless: a sync every second, or a
+/// threshold of years.
+const MIN_SYNC_INTERVAL_SECS: u64 = 60;
+const MAX_SYNC_INTERVAL_SECS: u64 = 30 * 86_400;
+const MAX_ALERT_AFTER_SECS: u64 = 365 * 86_400;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("the policy file is not valid TOML: {0}")]
+    Toml(String),
+    #[error("in {area}: {reason}; nothing was saved")]
+    BadRule {
+        area: &'static str,
+        reason: areas::PolicyError,
+    },
+    #[error("{field} = {value:?} is refused: {why}; nothing was saved")]
+    BadValue {
+        field: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error(
+        "{0:?} is not a usable policy name: use 1 to {MAX_NAME} letters, digits, '-', '_' or '.', \
+         starting with a letter or digit"
+    )]
+    BadName(String),
+}
+
+/// A policy's content, as stored (JSON) and compared.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicySpec {
+    /// The policy's own rules; the factory rules are added when it goes to an agent.
+    pub unprotected: RuleSet,
+    pub user_area: RuleSet,
+    pub sync_interval_secs: u32,
+    pub alert_after_secs: u64,
+    pub retention: Retention,
+}
+
+impl Default for PolicySpec {
+    fn default() -> Self {
+        PolicySpec {
+            unprotected: RuleSet::default(),
+            user_area: RuleSet::default(),
+            sync_interval_secs: 3600,
+            alert_after_secs: 86_400,
+            retention: Retention::default(),
+        }
+    }
+}
+
+/// One saved version of a named policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyVersion {
+    pub name: String,
+    /// Appliance-wide: every save of any policy takes the next number.
+    pub version: u64,
+    pub spec: PolicySpec,
+    /// RFC 3339 UTC.
+    pub created: String,
+    pub actor: String,
+}
+
+impl PolicyVersion {
+    /// The policy as an agent applies it: the factory rules merged into the unprotected area.
+    pub fn agent_policy(&self) -> AgentPolicy {
+        let mut rules: Vec<String> = FACTORY_UNPROTECTED.iter().map(|r| r.to_string()).collect();
+        rules.extend(self.spec.unprotected.rules.iter().cloned());
+        AgentPolicy {
+            name: self.name.clone(),
+            version: self.version,
+            unprotected: RuleSet {
+                rules,
+                exceptions: self.spec.unprotected.exceptions.clone(),
+            },
+            user_area: self.spec.user_area.clone(),
+            sync_interval_secs: self.spec.sync_interval_secs,
+        }
+    }
+}
+
+pub fn check_name(name: &str) -> Result<(), PolicyError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(PolicyError::BadName(name.to_owned()))
+    }
+}
+
+/// The file format: every field optional, nothing unknown.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    // Plain values before tables: TOML cannot put a plain value after a table.
+    #[serde(default)]
+    sync_interval: Option<String>,
+    #[serde(default)]
+    alert_after: Option<String>,
+    #[serde(default)]
+    unprotected: Option<RuleSetFile>,
+    #[serde(default)]
+    user_area: Option<RuleSetFile>,
+    #[serde(default)]
+    retention: Option<RetentionFile>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleSetFile {
+    #[serde(default)]
+    rules: Vec<String>,
+    #[serde(default)]
+    exceptions: Vec<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionFile {
+    hourly: Option<u32>,
+    daily: Option<u32>,
+    weekly: Option<u32>,
+    monthly: Option<u32>,
+}
+
+/// Parses and checks a policy file; on any error nothing about it is usable.
+pub fn parse_toml(text: &str) -> Result<PolicySpec, PolicyError> {
+    let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError::Toml(e.to_string()))?;
+    let defaults = PolicySpec::default();
+    let rules = |f: Option<RuleSetFile>| {
+        f.map(|f| RuleSet {
+            rules: f.rules,
+            exceptions: f.exceptions,
+        })
+        .unwrap_or_default()
+    };
+    let r = file.retention.unwrap_or_default();
+    let spec = PolicySpec {
+        unprotected: rules(file.unprotected),
+        user_area: rules(file.user_area),
+        sync_interval_secs: match &file.sync_interval {
+            None => defaults.sync_interval_secs,
+            Some(v) => {
+                let secs = duration_field("sync_interval", v)?;
+                if !(MIN_SYNC_INTERVAL_SECS..=MAX_SYNC_INTERVAL_SECS).contains(&secs) {
+                    return Err(PolicyError::BadValue {
+                        field: "sync_interval",
+                        value: v.clone(),
+                        why: "give between 1m and 30d".into(),
+                    });
+                }
+                secs as u32
+            }
+        },
+        alert_after_secs: match &file.alert_after {
+            None => defaults.alert_after_secs,
+            Some(v) => {
+                let secs = duration_field("alert_after", v)?;
+                if secs > MAX_ALERT_AFTER_SECS {
+                    return Err(PolicyError::BadValue {
+                        field: "alert_after",
+                        value: v.clone(),
+                        why: "give at most 365d".into(),
+                    });
+                }
+                secs
+            }
+        },
+        retention: Retention {
+            hourly: r.hourly.unwrap_or(defaults.retention.hourly),
+            daily: r.daily.unwrap_or(defaults.retention.daily),
+            weekly: r.weekly.unwrap_or(defaults.retention.weekly),
+            monthly: r.monthly.unwrap_or(defaults.retention.monthly),
+        },
+    };
+    validate(&spec)?;
+    Ok(spec)
+}
+
+fn duration_field(field: &'static str, value: &str) -> Result<u64, PolicyError> {
+    parse_duration(value)
+        .map(|d| d.as_secs())
+        .map_err(|why| PolicyError::BadValue {
+            field,
+            value: value.to_owned(),
+            why,
+        })
+}
+
+/// Checks every rule of both areas.
+pub fn validate(spec: &PolicySpec) -> Result<(), PolicyError> {
+    areas::validate(&spec.unprotected).map_err(|reason| PolicyError::BadRule {
+        area: "unprotected",
+        reason,
+    })?;
+    areas::validate(&spec.user_area).map_err(|reason| PolicyError::BadRule {
+        area: "user_area",
+        reason,
+    })
+}
+
+/// `90s`, `15m`, `24h`, `7d`: the largest unit that says it exactly, as `parse_duration`
+/// reads it back.
+pub fn format_duration(secs: u64) -> String {
+    for (unit, n) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+        if secs >= n && secs.is_multiple_of(n) {
+            return format!("{}{unit}", secs / n);
+        }
+    }
+    format!("{secs}s")
+}
+
+/// The policy as a file `parse_toml` reads back to the same spec.
+pub fn to_toml(spec: &PolicySpec) -> String {
+    let file = PolicyFile {
+        unprotected: Some(RuleSetFile {
+            rules: spec.unprotected.rules.clone(),
+            exceptions: spec.unprotected.exceptions.clone(),
+        }),
+        user_area: Some(RuleSetFile {
+            rules: spec.user_area.rules.clone(),
+            exceptions: spec.user_area.exceptions.clone(),
+        }),
+        sync_interval: Some(format_duration(u64::from(spec.sync_interval_secs))),
+        alert_after: Some(format_duration(spec.alert_after_secs)),
+        retention: Some(RetentionFile {
+            hourly: Some(spec.retention.hourly),
+            daily: Some(spec.retention.daily),
+            weekly: Some(spec.retention.weekly),
+            monthly: Some(spec.retention.monthly),
+        }),
+    };
+    toml::to_string(&file).expect("a policy file serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_file_parses_and_shows_back_the_same() {
+        let spec = parse_toml(
+            r#"
+            unprotected = { rules = ["%home%/Downloads", "/data/big"], exceptions = ["/data/big/keep"] }
+            user_area = { rules = ["%home%"] }
+            sync_interval = "15m"
+            alert_after = "2d"
+
+            [retention]
+            hourly = 3
+            daily = 2
+            weekly = 0
+            monthly = 12
+            "#,
+        )
+        .unwrap();
+        assert_eq!(spec.unprotected.rules, ["%home%/Downloads", "/data/big"]);
+        assert_eq!(spec.unprotected.exceptions, ["/data/big/keep"]);
+        assert_eq!(spec.user_area.rules, ["%home%"]);
+        assert_eq!(spec.sync_interval_secs, 900);
+        assert_eq!(spec.alert_after_secs, 2 * 86_400);
+        assert_eq!(
+            spec.retention,
+            Retention {
+                hourly: 3,
+                daily: 2,
+                weekly: 0,
+                monthly: 12
+            }
+        );
+        assert_eq!(parse_toml(&to_toml(&spec)).unwrap(), spec);
+    }
+
+    #[test]
+    fn left_out_fields_take_the_defaults() {
+        assert_eq!(parse_toml("").unwrap(), PolicySpec::default());
+        let spec = parse_toml("[retention]\ndaily = 3\n").unwrap();
+        assert_eq!(spec.retention.daily, 3);
+        assert_eq!(spec.retention.hourly, Retention::default().hourly);
+        assert_eq!(format_duration(3600), "1h");
+        assert_eq!(format_duration(90), "90s");
+        assert_eq!(format_duration(86_400 * 3), "3d");
+    }
+
+    #[test]
+    fn bad_files_are_refused_naming_what_is_wrong() {
+        for (text, expected) in [
+            (r#"unprotected = { rules = ["home/x"] }"#, "home/x"),
+            (r#"unprotected = { rules = ["/a/[b"] }"#, "/a/[b"),
+            (r#"user_area = { exceptions = ["/a/../b"] }"#, "user_area"),
+            (r#"sync_interval = "10s""#, "sync_interval"),
+            (r#"sync_interval = "soon""#, "not a duration"),
+            (r#"alert_after = "400d""#, "alert_after"),
+            ("retension = 3", "retension"),
+            ("[retention]\nyearly = 3", "yearly"),
+            ("[retention]\ndaily = -1", "daily"),
+            ("unprotected = [", "TOML"),
+        ] {
+            let err = parse_toml(text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for ok in ["default", "office-2", "a.b_c"] {
+            check_name(ok).unwrap();
+        }
+        for bad in ["", "-x", "a b", "x/y", &"a".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn agents_get_the_factory_rules_first() {
+        let p = PolicyVersion {
+            name: "office".into(),
+            version: 7,
+            spec: parse_toml(r#"unprotected = { rules = ["/data/big"] }"#).unwrap(),
+            created: String::new(),
+            actor: "cli".into(),
+        };
+        let a = p.agent_policy();
+        assert_eq!(a.version, 7);
+        assert_eq!(a.unprotected.rules.len(), FACTORY_UNPROTECTED.len() + 1);
+        assert_eq!(a.unprotected.rules.last().unwrap(), "/data/big");
+        assert_eq!(a.sync_interval_secs, 3600);
+    }
+
+    #[test]
+    fn the_migrations_default_policy_is_the_built_in_default() {
+        let sql = include_str!("../migrations/20261126000004_policies.sql");
+        let json = sql
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("'{"))
+            .unwrap()
+            .trim_start_matches('\'')
+            .trim_end_matches("',");
+        let spec: PolicySpec = serde_json::from_str(json).unwrap();
+        assert_eq!(spec, PolicySpec::default());
+    }
+}
