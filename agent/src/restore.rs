@@ -27,8 +27,9 @@ mod write;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Component, Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Mutex};
 
 use morgana_core::Id;
 use morgana_core::tree::is_safe_name;
@@ -125,6 +126,58 @@ pub struct Request {
     pub subpath: Vec<Vec<u8>>,
     /// An existing directory; emptiness and `--overwrite` are the caller's business.
     pub to: PathBuf,
+    /// Make the restored directories (the subpath and everything below it) hold exactly
+    /// what the snapshot's do: entries the snapshot lacks are removed, except kept ones.
+    /// Used to revert in place.
+    pub prune: bool,
+    /// Paths (relative to the snapshot root, so to `to`) left exactly as they are: not
+    /// written, and not removed by `prune`.
+    pub keep: Option<Keep>,
+    /// Counts files as they are written, for progress reports.
+    pub progress: Option<Arc<Progress>>,
+}
+
+impl Request {
+    /// Restores `subpath` of the snapshot into `to`, adding to or replacing what is there.
+    pub fn new(snapshot: String, root: Id, subpath: Vec<Vec<u8>>, to: PathBuf) -> Request {
+        Request {
+            snapshot,
+            root,
+            subpath,
+            to,
+            prune: false,
+            keep: None,
+            progress: None,
+        }
+    }
+
+    fn keeps(&self, path: &[u8]) -> bool {
+        self.keep.as_ref().is_some_and(|k| k.keeps(path))
+    }
+}
+
+/// Which paths (relative to the snapshot root, without a leading `/`) a restore leaves
+/// alone.
+#[derive(Clone)]
+pub struct Keep(pub Arc<dyn Fn(&[u8]) -> bool + Send + Sync>);
+
+impl Keep {
+    pub fn keeps(&self, path: &[u8]) -> bool {
+        (self.0)(path)
+    }
+}
+
+impl std::fmt::Debug for Keep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keep(..)")
+    }
+}
+
+/// Files and bytes written so far, readable while the restore runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub files: AtomicU64,
+    pub bytes: AtomicU64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -142,6 +195,8 @@ pub struct Stats {
     pub fetched_bytes: u64,
     pub fetched_chunks: u64,
     pub warnings: u64,
+    /// Entries removed because the snapshot does not have them (`prune`).
+    pub removed: u64,
 }
 
 /// Splits `--path` into tree names, refusing anything that could leave the snapshot root:
@@ -272,7 +327,12 @@ pub fn restore(source: &dyn BlobSource, req: &Request) -> Result<Stats, RestoreE
             .name("restore-batch".into())
             .spawn_scoped(s, move || fetch::batch(zeros, op_rx, jobs))
             .expect("spawn the restore batcher");
-        let mut writer = write::Writer::new(root, zeros);
+        let opts = write::WriterOptions {
+            prune_from: req.prune.then(|| req.subpath.join(&b'/')),
+            keep: req.keep.clone(),
+            progress: req.progress.clone(),
+        };
+        let mut writer = write::Writer::new(root, zeros, opts);
         // Batches were dealt round-robin: taking them in the same order keeps them in
         // order. A worker with no more batches means there are none after it either.
         // Returning drops the receivers: workers, batcher and planner stop at their next
@@ -409,12 +469,12 @@ mod tests {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn request(src: &MemSource, entries: Vec<Entry>, to: &Path, subpath: &str) -> Request {
-        Request {
-            snapshot: "s1".into(),
-            root: src.tree(Tree { entries }),
-            subpath: parse_subpath(Path::new(subpath)).unwrap(),
-            to: to.to_path_buf(),
-        }
+        Request::new(
+            "s1".into(),
+            src.tree(Tree { entries }),
+            parse_subpath(Path::new(subpath)).unwrap(),
+            to.to_path_buf(),
+        )
     }
 
     use morgana_core::testdata::noise;

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 const DEVICE_FILE: &str = "device.json";
+/// Held (flock) by whoever syncs or restores into the protected root.
+pub const SYNC_LOCK_FILE: &str = "sync.lock";
 pub const CLIENT_KEY_FILE: &str = "client.key";
 pub const CLIENT_CERT_FILE: &str = "client.crt";
 pub const CA_CERT_FILE: &str = "ca.crt";
@@ -57,6 +59,12 @@ pub struct Device {
     pub device_id: String,
     /// The directory this device protects.
     pub root: PathBuf,
+}
+
+/// The sync lock; released when dropped (closing the descriptor releases the flock).
+#[derive(Debug)]
+pub struct SyncLock {
+    _file: fs::File,
 }
 
 /// An open state directory.
@@ -134,6 +142,48 @@ impl State {
             .and_then(|_| f.sync_all())
             .map_err(io(&tmp))?;
         fs::rename(&tmp, &path).map_err(io(&path))
+    }
+
+    /// Takes the sync lock, waiting while another process (or task) holds it. One sync (or
+    /// revert) at a time per state directory: the `run` service, a manual `sync` and a
+    /// restore job never overlap. Blocking: call from a blocking thread.
+    pub fn lock_sync(&self) -> Result<SyncLock, StateError> {
+        self.sync_lock(true)
+            .map(|l| l.expect("a blocking flock returns the lock"))
+    }
+
+    /// The sync lock if nobody holds it, else `None`.
+    pub fn try_lock_sync(&self) -> Result<Option<SyncLock>, StateError> {
+        self.sync_lock(false)
+    }
+
+    fn sync_lock(&self, wait: bool) -> Result<Option<SyncLock>, StateError> {
+        use std::os::fd::AsRawFd;
+        let path = self.path(SYNC_LOCK_FILE);
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(&path))?;
+        let op = if wait {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_EX | libc::LOCK_NB
+        };
+        loop {
+            // SAFETY: a valid descriptor we own; flock has no memory preconditions.
+            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+                return Ok(Some(SyncLock { _file: file }));
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EWOULDBLOCK) if !wait => return Ok(None),
+                _ => return Err(io(&path)(e)),
+            }
+        }
     }
 
     pub fn save_device(&self, device: &Device) -> Result<(), StateError> {

@@ -2,6 +2,8 @@
 //! pack upload, snapshot commit and listing, blob fetch. Every error is a JSON
 //! `ErrorBody { error }` a person can act on.
 
+pub mod control;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -15,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt;
 use morgana_core::Id;
+use morgana_core::control::{PATH_HEARTBEAT, PATH_JOB_REPORT, PATH_JOBS_NEXT};
 use morgana_core::pack::{self, BlobKind, Pack, PackBuilder, PackEntry};
 use morgana_core::tree::Tree;
 use morgana_core::wire::{
@@ -53,6 +56,7 @@ struct Inner {
     pki: Arc<Pki>,
     /// Bounds memory: each pack being processed holds up to two copies of 160 MB.
     pack_permits: Semaphore,
+    control: control::Control,
 }
 
 impl AppState {
@@ -63,7 +67,17 @@ impl AppState {
             store,
             pki,
             pack_permits: Semaphore::new(cores.max(2)),
+            control: control::Control::default(),
         }))
+    }
+
+    /// Tells agents to send a heartbeat this often (`serve --heartbeat-every`).
+    pub fn heartbeat_every(mut self, every: std::time::Duration) -> AppState {
+        let secs = u32::try_from(every.as_secs()).unwrap_or(u32::MAX);
+        Arc::get_mut(&mut self.0)
+            .expect("configured before the state is shared")
+            .control = control::Control::with_heartbeat_secs(secs);
+        self
     }
 }
 
@@ -77,6 +91,9 @@ pub fn router(state: AppState) -> Router {
             post(commit_snapshot).get(list_snapshots),
         )
         .route(wire::PATH_BLOBS, post(fetch_blobs))
+        .route(PATH_HEARTBEAT, post(control::heartbeat))
+        .route(PATH_JOBS_NEXT, post(control::next_job))
+        .route(PATH_JOB_REPORT, post(control::report_job))
         .layer(middleware::from_fn(require_protocol));
     Router::new()
         .route(wire::PATH_HEALTH, get(|| async { "ok" }))

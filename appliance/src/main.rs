@@ -7,6 +7,7 @@ mod commands;
 mod config;
 mod events;
 mod gc;
+mod jobs;
 mod random;
 mod retention;
 mod snapshot;
@@ -42,6 +43,12 @@ enum Command {
     Events(commands::events::Args),
     /// Pin or unpin a snapshot against retention.
     Snapshot(commands::snapshot::Args),
+    /// Enrolled devices: status, last seen, inventory.
+    #[command(subcommand)]
+    Device(commands::device::Command),
+    /// Jobs for agents: sync now, restore, revert; list, show, wait.
+    #[command(subcommand)]
+    Job(commands::job::Command),
     /// Manage WASM plugins: add, list, enable, disable, and test one call.
     #[command(subcommand)]
     Plugin(commands::plugin::Command),
@@ -85,6 +92,10 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Plugin(cmd) => commands::plugin::run(cmd).await,
+            Command::Device(cmd) => commands::device::run(cmd)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Job(cmd) => commands::job::run(cmd).await,
         }
     });
     match result {

@@ -33,6 +33,9 @@ pub struct Args {
     pub gc_every: Every,
     #[command(flatten)]
     pub gc: crate::commands::gc::Tuning,
+    /// How often agents send a heartbeat (status, inventory changes).
+    #[arg(long, value_name = "DURATION", env = "MORGANA_HEARTBEAT_EVERY", default_value = "60s", value_parser = parse_duration)]
+    pub heartbeat_every: Duration,
 }
 
 /// An interval, or none (`off`).
@@ -76,7 +79,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let catalog: Arc<dyn Catalog> = Arc::new(catalog);
     crate::commands::plugin::check_active(catalog.as_ref(), &data).await;
     let store = Arc::new(store);
-    let state = AppState::new(catalog.clone(), store.clone(), Arc::new(pki));
+    let state = AppState::new(catalog.clone(), store.clone(), Arc::new(pki))
+        .heartbeat_every(args.heartbeat_every);
+    api::control::spawn_sweeper(&state);
     if let Every(Some(every)) = args.gc_every {
         let options = args.gc.options(false);
         let catalog = catalog.clone();
