@@ -492,6 +492,71 @@ mod tests {
     }
 
     #[test]
+    fn prune_makes_folders_equal_except_kept_paths() {
+        let src = MemSource::default();
+        let entries = vec![
+            src.file(b"f", b"new", 1),
+            src.dir(b"d", vec![src.file(b"a", &noise(3000, 1), 1000)]),
+            src.dir(b"keep", vec![src.file(b"from-snapshot", b"x", 1)]),
+        ];
+        let tmp = tempfile::tempdir().unwrap();
+        let to = tmp.path();
+        std::fs::write(to.join("f"), b"old").unwrap();
+        std::fs::write(to.join("x"), b"extra").unwrap();
+        std::fs::create_dir_all(to.join("d/y/z")).unwrap();
+        std::fs::write(to.join("d/a"), b"stale").unwrap();
+        std::fs::create_dir(to.join("keep")).unwrap();
+        std::fs::write(to.join("keep/mine"), b"kept").unwrap();
+        std::os::unix::fs::symlink("/etc", to.join("link")).unwrap();
+        let mut req = request(&src, entries, to, "");
+        req.prune = true;
+        req.keep = Some(Keep(Arc::new(|p: &[u8]| {
+            p == b"keep" || p.starts_with(b"keep/")
+        })));
+        let progress = Arc::new(Progress::default());
+        req.progress = Some(progress.clone());
+        let stats = restore(&src, &req).unwrap();
+        assert_eq!(std::fs::read(to.join("f")).unwrap(), b"new");
+        assert_eq!(std::fs::read(to.join("d/a")).unwrap(), noise(3000, 1));
+        assert_eq!(std::fs::read(to.join("keep/mine")).unwrap(), b"kept");
+        assert!(!to.join("keep/from-snapshot").exists());
+        let mut names: Vec<_> = std::fs::read_dir(to)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["d", "f", "keep"], "extra entries and temp names are gone");
+        assert!(!to.join("d/y").exists());
+        assert_eq!(stats.removed, 3, "x, link and d/y");
+        assert_eq!(progress.files.load(std::sync::atomic::Ordering::Relaxed), 2);
+        // The symlink was removed, not followed.
+        assert!(std::path::Path::new("/etc").is_dir());
+    }
+
+    #[test]
+    fn prune_stays_inside_the_subpath() {
+        let src = MemSource::default();
+        let docs = src.dir(b"docs", vec![src.file(b"r.txt", b"report", 1)]);
+        let a = src.dir(b"a", vec![docs, src.file(b"other", b"o", 1)]);
+        let tmp = tempfile::tempdir().unwrap();
+        let to = tmp.path();
+        std::fs::create_dir_all(to.join("a/docs")).unwrap();
+        std::fs::write(to.join("a/docs/r.txt"), b"edited").unwrap();
+        std::fs::write(to.join("a/docs/extra"), b"added").unwrap();
+        std::fs::write(to.join("a/unrelated"), b"stays").unwrap();
+        std::fs::write(to.join("top"), b"stays").unwrap();
+        let mut req = request(&src, vec![a], to, "a/docs");
+        req.prune = true;
+        let stats = restore(&src, &req).unwrap();
+        assert_eq!(std::fs::read(to.join("a/docs/r.txt")).unwrap(), b"report");
+        assert!(!to.join("a/docs/extra").exists());
+        assert_eq!(std::fs::read(to.join("a/unrelated")).unwrap(), b"stays");
+        assert_eq!(std::fs::read(to.join("top")).unwrap(), b"stays");
+        assert!(!to.join("a/other").exists(), "only the subpath is restored");
+        assert_eq!(stats.removed, 1);
+    }
+
+    #[test]
     fn zero_detection() {
         assert!(is_zero(&[]));
         assert!(is_zero(&vec![0; 100_000]));

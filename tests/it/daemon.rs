@@ -205,7 +205,13 @@ fn the_service_syncs_on_schedule_takes_jobs_and_reports_inventory() -> Result<()
         !device["inventory"]["kernel"].as_str().unwrap_or("").is_empty(),
         "{device}"
     );
-    ensure!(events(&appliance, "device.inventory-changed")?.len() == 1);
+    // Recorded when it changes, not with every heartbeat (once here, unless the machine's
+    // network changed meanwhile).
+    let inventory_events = events(&appliance, "device.inventory-changed")?.len();
+    ensure!(
+        (1..5).contains(&inventory_events),
+        "{inventory_events} inventory events"
+    );
     let list = run_ok(
         morgana()
             .args(["device", "list", "--data-dir"])

@@ -77,7 +77,7 @@ impl Control {
         }
     }
 
-    fn has_waiters(&self) -> bool {
+    pub(crate) fn has_waiters(&self) -> bool {
         !self
             .waiting
             .lock()
