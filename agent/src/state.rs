@@ -191,3 +191,26 @@ impl State {
         self.write(DEVICE_FILE, &json, 0o600)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_sync_lock_holder_at_a_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = State {
+            dir: tmp.path().to_path_buf(),
+        };
+        let held = state.try_lock_sync().unwrap().expect("free at first");
+        // A second open of the lock file (another process, or another task) is refused.
+        assert!(state.try_lock_sync().unwrap().is_none());
+        let waiter = {
+            let state = state.clone();
+            std::thread::spawn(move || state.lock_sync().map(drop))
+        };
+        drop(held);
+        waiter.join().unwrap().unwrap();
+        assert!(state.try_lock_sync().unwrap().is_some());
+    }
+}

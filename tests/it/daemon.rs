@@ -163,7 +163,7 @@ fn the_service_syncs_on_schedule_takes_jobs_and_reports_inventory() -> Result<()
     let appliance = Appliance::start_with(&tmp.path().join("appliance"), &["--heartbeat-every", "1s"])?;
     let agent = Agent::enroll(&appliance, &root, &tmp.path().join("state"))?;
     let id = device_id(&agent)?;
-    let mut daemon = Daemon::start(&agent, "2s", &tmp.path().join("agent.log"))?;
+    let daemon = Daemon::start(&agent, "2s", &tmp.path().join("agent.log"))?;
 
     // Several snapshots on its own, the first at start (no sync recorded yet).
     ensure!(
