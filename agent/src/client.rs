@@ -386,7 +386,12 @@ impl Client {
         beat: &control::Heartbeat,
     ) -> Result<control::HeartbeatReply, ClientError> {
         let resp = self
-            .post_json("heartbeat", control::PATH_HEARTBEAT, beat, Some(CONTROL_TIMEOUT))
+            .post_json(
+                "heartbeat",
+                control::PATH_HEARTBEAT,
+                beat,
+                Some(CONTROL_TIMEOUT),
+            )
             .await?;
         Self::json("heartbeat", resp).await
     }

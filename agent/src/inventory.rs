@@ -286,7 +286,11 @@ mod tests {
             "MemTotal:       16318412 kB\nMemFree:  1 kB\n",
         );
         put(r, "sys/block/nvme0n1/size", "1000215216\n");
-        put(r, "sys/block/nvme0n1/device/model", "SAMSUNG MZVLB512HBJQ-000L7  \n");
+        put(
+            r,
+            "sys/block/nvme0n1/device/model",
+            "SAMSUNG MZVLB512HBJQ-000L7  \n",
+        );
         put(r, "sys/block/loop0/size", "8\n");
         put(r, "sys/block/zram0/size", "8\n");
         put(r, "sys/block/sda/size", "2048\n");
@@ -357,7 +361,11 @@ mod tests {
             ]
         );
         assert_eq!(
-            (inv.os_id.as_str(), inv.os_version.as_str(), inv.os_name.as_str()),
+            (
+                inv.os_id.as_str(),
+                inv.os_version.as_str(),
+                inv.os_name.as_str()
+            ),
             ("debian", "12", "Debian GNU/Linux 12 (bookworm)")
         );
         assert_eq!(inv.kernel, "6.1.0-27-amd64");

@@ -156,7 +156,10 @@ impl RestoreRun<'_> {
         for p in paths {
             let sub = subpath(p)?;
             let Some(name) = sub.last().cloned() else {
-                add(&mut total, &self.engine(self.request(sub, target.into())).await?);
+                add(
+                    &mut total,
+                    &self.engine(self.request(sub, target.into())).await?,
+                );
                 continue;
             };
             let staging = target.join(format!(".morgana-job-{}", self.job_id));
@@ -172,13 +175,17 @@ impl RestoreRun<'_> {
                 .engine(self.request(sub.clone(), staging.clone()))
                 .await
                 .and_then(|stats| {
-                    let from = sub
-                        .iter()
-                        .fold(staging.clone(), |d, c| d.join(std::ffi::OsStr::from_bytes(c)));
+                    let from = sub.iter().fold(staging.clone(), |d, c| {
+                        d.join(std::ffi::OsStr::from_bytes(c))
+                    });
                     let to = target.join(std::ffi::OsStr::from_bytes(&name));
                     remove_any(&to)?;
                     std::fs::rename(&from, &to).with_context(|| {
-                        format!("cannot move {} into place at {}", from.display(), to.display())
+                        format!(
+                            "cannot move {} into place at {}",
+                            from.display(),
+                            to.display()
+                        )
                     })?;
                     Ok(stats)
                 });
@@ -282,7 +289,12 @@ impl RestoreRun<'_> {
     fn state_keep(&self, root: &Path) -> Option<Keep> {
         let root = root.canonicalize().ok()?;
         let dir = self.state.dir.canonicalize().ok()?;
-        let rel = dir.strip_prefix(&root).ok()?.as_os_str().as_bytes().to_vec();
+        let rel = dir
+            .strip_prefix(&root)
+            .ok()?
+            .as_os_str()
+            .as_bytes()
+            .to_vec();
         Some(Keep(Arc::new(move |path: &[u8]| {
             path.starts_with(&rel) && (path.len() == rel.len() || path[rel.len()] == b'/')
         })))
@@ -368,7 +380,11 @@ mod tests {
             },
             sync_interval_secs: 600,
         };
-        std::fs::write(tmp.path().join(POLICY_FILE), serde_json::to_vec(&p).unwrap()).unwrap();
+        std::fs::write(
+            tmp.path().join(POLICY_FILE),
+            serde_json::to_vec(&p).unwrap(),
+        )
+        .unwrap();
         assert_eq!(held_policy(&state), Some(p));
         std::fs::write(tmp.path().join(POLICY_FILE), b"{").unwrap();
         assert!(held_policy(&state).is_none());

@@ -159,7 +159,10 @@ impl Request {
 /// Which paths (relative to the snapshot root, without a leading `/`) a restore leaves
 /// alone.
 #[derive(Clone)]
-pub struct Keep(pub Arc<dyn Fn(&[u8]) -> bool + Send + Sync>);
+pub struct Keep(pub Arc<KeepFn>);
+
+/// Whether a path is kept.
+pub type KeepFn = dyn Fn(&[u8]) -> bool + Send + Sync;
 
 impl Keep {
     pub fn keeps(&self, path: &[u8]) -> bool {
@@ -525,7 +528,11 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         names.sort();
-        assert_eq!(names, ["d", "f", "keep"], "extra entries and temp names are gone");
+        assert_eq!(
+            names,
+            ["d", "f", "keep"],
+            "extra entries and temp names are gone"
+        );
         assert!(!to.join("d/y").exists());
         assert_eq!(stats.removed, 3, "x, link and d/y");
         assert_eq!(progress.files.load(std::sync::atomic::Ordering::Relaxed), 2);

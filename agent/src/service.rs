@@ -86,7 +86,8 @@ impl Backoff {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
-        let mix = u64::from(nanos ^ std::process::id().rotate_left(16)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mix = u64::from(nanos ^ std::process::id().rotate_left(16))
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let fraction = (mix >> 11) as f64 / (1u64 << 53) as f64;
         step.mul_f64(0.5 + 0.5 * fraction)
     }
@@ -121,8 +122,18 @@ pub async fn run(state: State, opts: Options) -> anyhow::Result<()> {
     info!(device = %device.device_id, root = %device.root.display(), server = %device.server, "agent service started");
     // Joined, not spawned: the loops run on this task and stop together.
     tokio::join!(
-        schedule(state.clone(), data.clone(), opts.sync_every, stop_rx.clone()),
-        heartbeats(state.clone(), control.clone(), shared.clone(), stop_rx.clone()),
+        schedule(
+            state.clone(),
+            data.clone(),
+            opts.sync_every,
+            stop_rx.clone()
+        ),
+        heartbeats(
+            state.clone(),
+            control.clone(),
+            shared.clone(),
+            stop_rx.clone()
+        ),
         jobs(state, data, control, shared, stop_rx),
         async move {
             shutdown_signal().await;
@@ -171,7 +182,8 @@ async fn schedule(
         let every = sync_every(&state, flag);
         backoff.cap = every.clamp(BACKOFF_FIRST, BACKOFF_MAX);
         let due_in = |state: &State| {
-            let due = last_sync(state).map_or(0, |l| l.at_ms.saturating_add(every.as_millis() as i64));
+            let due =
+                last_sync(state).map_or(0, |l| l.at_ms.saturating_add(every.as_millis() as i64));
             Duration::from_millis(due.saturating_sub(now_ms()).max(0) as u64)
         };
         let wait = due_in(&state);
@@ -233,9 +245,10 @@ async fn heartbeats(
     let mut held: Option<Id> = None;
     let mut every = DEFAULT_HEARTBEAT;
     loop {
-        let inventory = tokio::task::spawn_blocking(|| crate::inventory::collect(std::path::Path::new("/")))
-            .await
-            .unwrap_or_default();
+        let inventory =
+            tokio::task::spawn_blocking(|| crate::inventory::collect(std::path::Path::new("/")))
+                .await
+                .unwrap_or_default();
         let changed = held != Some(inventory.digest());
         let beat = Heartbeat {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -326,10 +339,8 @@ async fn run_job(
     let outcome = {
         let work = crate::jobs::run(state, data, &job.id, &job.kind, &live, &bar);
         tokio::pin!(work);
-        let mut ticks = tokio::time::interval_at(
-            tokio::time::Instant::now() + PROGRESS_EVERY,
-            PROGRESS_EVERY,
-        );
+        let mut ticks =
+            tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
         loop {
             tokio::select! {
                 r = &mut work => break Some(r),

@@ -1080,7 +1080,9 @@ mod tests {
                 .method("POST")
                 .uri(PATH_JOBS_NEXT)
                 .header(wire::PROTOCOL_HEADER, "1")
-                .body(Body::from(serde_json::to_vec(&NextJob { wait_secs: 50 }).unwrap()))
+                .body(Body::from(
+                    serde_json::to_vec(&NextJob { wait_secs: 50 }).unwrap(),
+                ))
                 .unwrap();
             req.extensions_mut()
                 .insert(PeerCertificate(Some(Arc::from(&b"device cert"[..]))));
@@ -1101,7 +1103,10 @@ mod tests {
         let (status, body) = waiting.await.unwrap();
         assert_eq!(status, StatusCode::OK);
         let got: Job = serde_json::from_slice(&body).unwrap();
-        assert_eq!((got.id.as_str(), got.kind), (job.id.as_str(), JobKind::Sync));
+        assert_eq!(
+            (got.id.as_str(), got.kind),
+            (job.id.as_str(), JobKind::Sync)
+        );
         // Handed out once.
         let (status, _) = h.call("POST", PATH_JOBS_NEXT, cert, poll(0)).await;
         assert_eq!(status, StatusCode::NO_CONTENT);
@@ -1127,15 +1132,28 @@ mod tests {
             .await;
         assert_eq!(status, StatusCode::NO_CONTENT);
         let (status, _) = h
-            .call("POST", PATH_JOB_REPORT, cert, report(JobState::Failed, "disk full"))
+            .call(
+                "POST",
+                PATH_JOB_REPORT,
+                cert,
+                report(JobState::Failed, "disk full"),
+            )
             .await;
         assert_eq!(status, StatusCode::NO_CONTENT);
         let (status, _) = h
-            .call("POST", PATH_JOB_REPORT, cert, report(JobState::Succeeded, ""))
+            .call(
+                "POST",
+                PATH_JOB_REPORT,
+                cert,
+                report(JobState::Succeeded, ""),
+            )
             .await;
         assert_eq!(status, StatusCode::CONFLICT);
         let stored = h.catalog.job(&job.id).await.unwrap().unwrap();
-        assert_eq!((stored.state, stored.message.as_str()), (JobState::Failed, "disk full"));
+        assert_eq!(
+            (stored.state, stored.message.as_str()),
+            (JobState::Failed, "disk full")
+        );
         let filter = crate::events::EventFilter {
             kind_prefix: Some("job.failed".into()),
             ..Default::default()

@@ -92,9 +92,7 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Plugin(cmd) => commands::plugin::run(cmd).await,
-            Command::Device(cmd) => commands::device::run(cmd)
-                .await
-                .map(|()| ExitCode::SUCCESS),
+            Command::Device(cmd) => commands::device::run(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Job(cmd) => commands::job::run(cmd).await,
         }
     });

@@ -25,9 +25,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     .ok_or_else(bad)?;
     if seconds == 0 {
-        return Err(format!(
-            "`{s}` is zero: give a duration above zero"
-        ));
+        return Err(format!("`{s}` is zero: give a duration above zero"));
     }
     Ok(Duration::from_secs(seconds))
 }

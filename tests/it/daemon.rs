@@ -160,7 +160,8 @@ fn the_service_syncs_on_schedule_takes_jobs_and_reports_inventory() -> Result<()
     let root = tmp.path().join("root");
     write(&root, "docs/a.txt", b"hello")?;
     write(&root, "big.bin", &noise(300_000, 1))?;
-    let appliance = Appliance::start_with(&tmp.path().join("appliance"), &["--heartbeat-every", "1s"])?;
+    let appliance =
+        Appliance::start_with(&tmp.path().join("appliance"), &["--heartbeat-every", "1s"])?;
     let agent = Agent::enroll(&appliance, &root, &tmp.path().join("state"))?;
     let id = device_id(&agent)?;
     let daemon = Daemon::start(&agent, "2s", &tmp.path().join("agent.log"))?;
@@ -189,7 +190,11 @@ fn the_service_syncs_on_schedule_takes_jobs_and_reports_inventory() -> Result<()
     );
     ensure!(count(&agent, "manual") == 1, "{:?}", reasons(&agent));
     let succeeded = events(&appliance, "job.succeeded")?;
-    ensure!(succeeded.iter().any(|e| e["message"].as_str().unwrap().contains(&job)));
+    ensure!(
+        succeeded
+            .iter()
+            .any(|e| e["message"].as_str().unwrap().contains(&job))
+    );
 
     // Heartbeats: last seen, version, last snapshot, inventory.
     let out = run_ok(
@@ -202,7 +207,10 @@ fn the_service_syncs_on_schedule_takes_jobs_and_reports_inventory() -> Result<()
     assert!(device["last_seen"].is_string(), "{device}");
     assert!(device["last_snapshot"].is_string(), "{device}");
     assert!(
-        !device["inventory"]["kernel"].as_str().unwrap_or("").is_empty(),
+        !device["inventory"]["kernel"]
+            .as_str()
+            .unwrap_or("")
+            .is_empty(),
         "{device}"
     );
     // Recorded when it changes, not with every heartbeat (once here, unless the machine's
@@ -269,7 +277,15 @@ fn restore_jobs_put_folders_in_a_new_place_and_back_in_place() -> Result<()> {
     // In place: the folder becomes the snapshot's; nothing beside it changes.
     let job = queue(
         &appliance,
-        &["job", "restore", &id, "--snapshot", &snap, "--path", "/home/alice/docs"],
+        &[
+            "job",
+            "restore",
+            &id,
+            "--snapshot",
+            &snap,
+            "--path",
+            "/home/alice/docs",
+        ],
     )?;
     wait_ok(&appliance, &daemon, &job)?;
     assert_same_tree(&reference.join("docs"), &root.join("home/alice/docs"))?;
@@ -307,7 +323,15 @@ fn full_and_system_only_reverts() -> Result<()> {
     copy_tree(&root.join("tmp"), &tmp_now)?;
     let job = queue(
         &appliance,
-        &["job", "restore", &id, "--snapshot", &snap, "--scope", "full"],
+        &[
+            "job",
+            "restore",
+            &id,
+            "--snapshot",
+            &snap,
+            "--scope",
+            "full",
+        ],
     )?;
     wait_ok(&appliance, &daemon, &job)?;
     for dir in ["etc", "usr", "home"] {
@@ -326,7 +350,15 @@ fn full_and_system_only_reverts() -> Result<()> {
     copy_tree(&root.join("home"), &home_now)?;
     let job = queue(
         &appliance,
-        &["job", "restore", &id, "--snapshot", &snap, "--scope", "system-only"],
+        &[
+            "job",
+            "restore",
+            &id,
+            "--snapshot",
+            &snap,
+            "--scope",
+            "system-only",
+        ],
     )?;
     wait_ok(&appliance, &daemon, &job)?;
     for dir in ["etc", "usr"] {
@@ -357,7 +389,15 @@ fn a_snapshot_of_one_device_restores_onto_a_new_one_and_failures_say_why() -> Re
     let daemon = Daemon::start(&b, "1h", &tmp.path().join("agent-b.log"))?;
     let job = queue(
         &appliance,
-        &["job", "restore", &id_b, "--snapshot", &snap, "--scope", "full"],
+        &[
+            "job",
+            "restore",
+            &id_b,
+            "--snapshot",
+            &snap,
+            "--scope",
+            "full",
+        ],
     )?;
     wait_ok(&appliance, &daemon, &job)?;
     assert_same_tree(&root_a, &root_b)?;
@@ -400,12 +440,28 @@ fn a_snapshot_of_one_device_restores_onto_a_new_one_and_failures_say_why() -> Re
     // Bad requests never become jobs.
     let out = morgana_at(
         &appliance,
-        &["job", "restore", &id_b, "--snapshot", "nope", "--scope", "full"],
+        &[
+            "job",
+            "restore",
+            &id_b,
+            "--snapshot",
+            "nope",
+            "--scope",
+            "full",
+        ],
     );
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("there is no snapshot"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("there is no snapshot"),
+        "{}",
+        stderr(&out)
+    );
     let out = morgana_at(&appliance, &["job", "sync", "no-such-device"]);
-    assert!(stderr(&out).contains("there is no device"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("there is no device"),
+        "{}",
+        stderr(&out)
+    );
     daemon.stop()?;
     Ok(())
 }
@@ -440,7 +496,8 @@ fn the_service_backs_off_while_the_appliance_is_away_and_resumes() -> Result<()>
     let appliance = Appliance::start_on(&data_dir, &listen, &[])?;
     let before = count(&agent, "scheduled");
     ensure!(
-        wait_for(Duration::from_secs(120), || count(&agent, "scheduled") > before),
+        wait_for(Duration::from_secs(120), || count(&agent, "scheduled")
+            > before),
         "no sync after the appliance returned:\n{}",
         daemon.log()
     );

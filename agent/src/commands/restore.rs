@@ -134,7 +134,13 @@ impl BlobSource for ClientSource {
     }
 }
 
-pub(crate) fn print_summary(snap: &SnapshotInfo, path: Option<&Path>, to: &Path, s: &Stats, secs: f64) {
+pub(crate) fn print_summary(
+    snap: &SnapshotInfo,
+    path: Option<&Path>,
+    to: &Path,
+    s: &Stats,
+    secs: f64,
+) {
     let what = match path {
         Some(p) => format!("{} of snapshot {}", p.display(), snap.id),
         None => format!("snapshot {}", snap.id),

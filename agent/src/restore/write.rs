@@ -10,13 +10,13 @@
 //! capabilities), then xattrs, then mode, then mtime last (everything before touches it);
 //! a directory's metadata is set when it is left, after its children are written.
 
+use std::collections::HashSet;
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io::{self, Write};
 use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -160,7 +160,12 @@ impl<'a> Writer<'a> {
 
     /// Removes from `dir` (at `dir_path`) what the snapshot does not have there, if pruning
     /// covers it. `names` are the entries written into it.
-    fn prune_dir(&mut self, dir: &Dir, dir_path: &[u8], names: &HashSet<Vec<u8>>) -> Result<(), RestoreError> {
+    fn prune_dir(
+        &mut self,
+        dir: &Dir,
+        dir_path: &[u8],
+        names: &HashSet<Vec<u8>>,
+    ) -> Result<(), RestoreError> {
         let Some(p) = &self.prune else {
             return Ok(());
         };
@@ -171,8 +176,7 @@ impl<'a> Writer<'a> {
             return Ok(());
         }
         let keep = p.keep.clone();
-        let listing = std::fs::read_dir(dir.proc_path(c"."))
-            .map_err(io_err("list", dir_path))?;
+        let listing = std::fs::read_dir(dir.proc_path(c".")).map_err(io_err("list", dir_path))?;
         for entry in listing {
             let entry = entry.map_err(io_err("list", dir_path))?;
             let name = entry.file_name();

@@ -16,11 +16,11 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Row};
 
 use super::{
-    BlobLocation, Catalog, CatalogError, Device, DeviceStatus, Fenced, GcHorizon,
-    HeartbeatRecord, JobRecord, NewPlugin, PackRecord, PackUsage, PluginRecord, Result,
+    BlobLocation, Catalog, CatalogError, Device, DeviceStatus, Fenced, GcHorizon, HeartbeatRecord,
+    JobRecord, NewPlugin, PackRecord, PackUsage, PluginRecord, Result,
 };
-use morgana_core::control::JobReport;
 use crate::events::{ChainCheck, Event, EventFilter, NewEvent};
+use morgana_core::control::JobReport;
 use morgana_core::plugin::Hook;
 
 mod events;

@@ -125,7 +125,10 @@ fn print_device(d: &DeviceStatus) {
     println!("serial      {}", inv.serial);
     println!("cpu         {} × {}", inv.cpu_count, inv.cpu_model);
     println!("memory      {} MiB", inv.memory_bytes >> 20);
-    println!("os          {} ({} {})", inv.os_name, inv.os_id, inv.os_version);
+    println!(
+        "os          {} ({} {})",
+        inv.os_name, inv.os_id, inv.os_version
+    );
     println!("kernel      {}", inv.kernel);
     for disk in &inv.disks {
         println!(

@@ -211,7 +211,10 @@ async fn require_device(catalog: &SqliteCatalog, id: &str) -> anyhow::Result<()>
     {
         None => bail!("there is no device {id:?}: list them with `morgana device list`"),
         Some(d) if d.device.revoked => {
-            bail!("device {id} ({}) is revoked: it takes no jobs", d.device.hostname)
+            bail!(
+                "device {id} ({}) is revoked: it takes no jobs",
+                d.device.hostname
+            )
         }
         Some(_) => Ok(()),
     }
@@ -312,7 +315,10 @@ mod tests {
 
     #[test]
     fn flags_map_to_scopes_and_nonsense_is_refused() {
-        assert_eq!(scope_of(Some("full"), vec![], None).unwrap(), RestoreScope::Full);
+        assert_eq!(
+            scope_of(Some("full"), vec![], None).unwrap(),
+            RestoreScope::Full
+        );
         assert_eq!(
             scope_of(Some("system-only"), vec![], None).unwrap(),
             RestoreScope::SystemOnly

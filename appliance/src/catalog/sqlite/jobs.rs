@@ -327,7 +327,10 @@ mod tests {
         assert_eq!(got.id, first.id);
         assert_eq!((got.state, got.started_ms), (JobState::Running, Some(300)));
         let got2 = cat.take_next_job("a", 301).await.unwrap().unwrap();
-        assert_eq!((got2.id.as_str(), &got2.kind), (second.id.as_str(), &restore));
+        assert_eq!(
+            (got2.id.as_str(), &got2.kind),
+            (second.id.as_str(), &restore)
+        );
         assert!(cat.take_next_job("a", 302).await.unwrap().is_none());
         assert!(cat.devices_with_queued_jobs().await.unwrap().is_empty());
 
@@ -350,7 +353,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!((done.state, done.finished_ms), (JobState::Succeeded, Some(500)));
+        assert_eq!(
+            (done.state, done.finished_ms),
+            (JobState::Succeeded, Some(500))
+        );
         // A finished job takes no more reports.
         assert!(
             cat.report_job("a", &report(&first.id, JobState::Failed, "late"), 600)
@@ -378,7 +384,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(failed.len(), 1);
-        assert_eq!((failed[0].state, failed[0].message.as_str()), (JobState::Failed, "gone"));
+        assert_eq!(
+            (failed[0].state, failed[0].message.as_str()),
+            (JobState::Failed, "gone")
+        );
 
         let all = cat.jobs(None, 10).await.unwrap();
         assert_eq!(
@@ -413,15 +422,27 @@ mod tests {
             cpu_count: 4,
             ..Default::default()
         };
-        assert!(cat.record_heartbeat("a", &beat(Some(&inv), None)).await.unwrap());
-        assert!(!cat.record_heartbeat("a", &beat(Some(&inv), None)).await.unwrap());
+        assert!(
+            cat.record_heartbeat("a", &beat(Some(&inv), None))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !cat.record_heartbeat("a", &beat(Some(&inv), None))
+                .await
+                .unwrap()
+        );
         assert!(
             !cat.record_heartbeat("a", &beat(None, Some("2026-01-01T00:00:00.000Z")))
                 .await
                 .unwrap()
         );
         inv.cpu_count = 8;
-        assert!(cat.record_heartbeat("a", &beat(Some(&inv), None)).await.unwrap());
+        assert!(
+            cat.record_heartbeat("a", &beat(Some(&inv), None))
+                .await
+                .unwrap()
+        );
         let after = cat.device_status("a").await.unwrap().unwrap();
         assert_eq!(after.last_seen_ms, Some(1000));
         assert_eq!(after.agent_version.as_deref(), Some("0.1.0"));
