@@ -76,11 +76,16 @@ impl Appliance {
     }
 
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> Result<Appliance> {
+        Self::start_on(data_dir, "127.0.0.1:0", extra)
+    }
+
+    /// Starts on a given address, e.g. again on the port an earlier run used.
+    pub fn start_on(data_dir: &Path, listen: &str, extra: &[&str]) -> Result<Appliance> {
         let mut child = morgana()
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -129,6 +129,9 @@ impl ServerCertVerifier for PinnedCa {
     }
 }
 
+/// Longest a control call (heartbeat, report) may take beyond any wait it asks for.
+const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub struct Client {
     http: reqwest::Client,
     base: String,
@@ -360,6 +363,69 @@ impl Client {
     pub async fn snapshots(&self) -> Result<Vec<wire::SnapshotInfo>, ClientError> {
         let rb = self.http.get(self.url(wire::PATH_SNAPSHOTS));
         Self::json("list snapshots", self.send("list snapshots", rb, 0).await?).await
+    }
+
+    async fn post_json(
+        &self,
+        call: &'static str,
+        path: &str,
+        body: &impl serde::Serialize,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let body = serde_json::to_vec(body).expect("serializes");
+        let len = body.len();
+        let mut rb = self
+            .http
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(t) = timeout {
+            rb = rb.timeout(t);
+        }
+        self.send(call, rb, len).await
+    }
+
+    /// Control plane: status (and inventory when it changed) → heartbeat interval, policy
+    /// version, the inventory digest the appliance holds.
+    pub async fn heartbeat(
+        &self,
+        beat: &control::Heartbeat,
+    ) -> Result<control::HeartbeatReply, ClientError> {
+        let resp = self
+            .post_json(
+                "heartbeat",
+                control::PATH_HEARTBEAT,
+                beat,
+                Some(CONTROL_TIMEOUT),
+            )
+            .await?;
+        Self::json("heartbeat", resp).await
+    }
+
+    /// Long-polls for the next job: `None` when none came within `wait_secs`.
+    pub async fn next_job(&self, wait_secs: u32) -> Result<Option<control::Job>, ClientError> {
+        let req = control::NextJob { wait_secs };
+        // The appliance answers by `wait_secs` (capped lower); past that it is gone.
+        let timeout = std::time::Duration::from_secs(u64::from(wait_secs)) + CONTROL_TIMEOUT;
+        let resp = self
+            .post_json("job poll", control::PATH_JOBS_NEXT, &req, Some(timeout))
+            .await?;
+        if resp.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        Self::json("job poll", resp).await.map(Some)
+    }
+
+    /// Progress of a running job, or its outcome.
+    pub async fn report_job(&self, report: &control::JobReport) -> Result<(), ClientError> {
+        self.post_json(
+            "job report",
+            control::PATH_JOB_REPORT,
+            report,
+            Some(CONTROL_TIMEOUT),
+        )
+        .await
+        .map(drop)
     }
 
     /// Streams the stored form of `ids` (at most `MAX_IDS_PER_REQUEST`), in order.

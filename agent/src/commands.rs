@@ -1,4 +1,6 @@
 pub mod enroll;
+pub mod inventory;
 pub mod restore;
+pub mod run;
 pub mod snapshots;
 pub mod sync;

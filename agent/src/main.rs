@@ -3,8 +3,11 @@
 mod cache;
 mod client;
 mod commands;
+mod inventory;
+mod jobs;
 mod restore;
 mod scan;
+mod service;
 mod snapshot;
 mod state;
 mod sync;
@@ -12,6 +15,7 @@ mod upload;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -72,6 +76,19 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Run as the endpoint service: scheduled syncs, heartbeats, jobs from the appliance.
+    Run {
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Sync this often (e.g. 30m, 2h), overriding the policy's interval (default 1h).
+        #[arg(long, value_name = "DURATION", value_parser = morgana_core::duration::parse_duration)]
+        sync_every: Option<Duration>,
+    },
+    /// Print the hardware and OS inventory this agent reports.
+    Inventory {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -111,8 +128,16 @@ fn main() -> ExitCode {
             } => {
                 commands::restore::run(state_dir, &snapshot, &to, path.as_deref(), overwrite).await
             }
+            Command::Run {
+                state_dir,
+                sync_every,
+            } => commands::run::run(state_dir, sync_every).await,
+            Command::Inventory { json } => commands::inventory::run(json),
         }
     });
+    // A sync or restore abandoned on SIGTERM may still run on a blocking thread: it commits
+    // nothing more once its task is gone, so do not wait for it.
+    runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

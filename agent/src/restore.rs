@@ -27,8 +27,9 @@ mod write;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Component, Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Mutex};
 
 use morgana_core::Id;
 use morgana_core::tree::is_safe_name;
@@ -125,6 +126,61 @@ pub struct Request {
     pub subpath: Vec<Vec<u8>>,
     /// An existing directory; emptiness and `--overwrite` are the caller's business.
     pub to: PathBuf,
+    /// Make the restored directories (the subpath and everything below it) hold exactly
+    /// what the snapshot's do: entries the snapshot lacks are removed, except kept ones.
+    /// Used to revert in place.
+    pub prune: bool,
+    /// Paths (relative to the snapshot root, so to `to`) left exactly as they are: not
+    /// written, and not removed by `prune`.
+    pub keep: Option<Keep>,
+    /// Counts files as they are written, for progress reports.
+    pub progress: Option<Arc<Progress>>,
+}
+
+impl Request {
+    /// Restores `subpath` of the snapshot into `to`, adding to or replacing what is there.
+    pub fn new(snapshot: String, root: Id, subpath: Vec<Vec<u8>>, to: PathBuf) -> Request {
+        Request {
+            snapshot,
+            root,
+            subpath,
+            to,
+            prune: false,
+            keep: None,
+            progress: None,
+        }
+    }
+
+    fn keeps(&self, path: &[u8]) -> bool {
+        self.keep.as_ref().is_some_and(|k| k.keeps(path))
+    }
+}
+
+/// Which paths (relative to the snapshot root, without a leading `/`) a restore leaves
+/// alone.
+#[derive(Clone)]
+pub struct Keep(pub Arc<KeepFn>);
+
+/// Whether a path is kept.
+pub type KeepFn = dyn Fn(&[u8]) -> bool + Send + Sync;
+
+impl Keep {
+    pub fn keeps(&self, path: &[u8]) -> bool {
+        (self.0)(path)
+    }
+}
+
+impl std::fmt::Debug for Keep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keep(..)")
+    }
+}
+
+/// Files and bytes written so far, readable while the restore runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub files: AtomicU64,
+    pub bytes: AtomicU64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -142,6 +198,8 @@ pub struct Stats {
     pub fetched_bytes: u64,
     pub fetched_chunks: u64,
     pub warnings: u64,
+    /// Entries removed because the snapshot does not have them (`prune`).
+    pub removed: u64,
 }
 
 /// Splits `--path` into tree names, refusing anything that could leave the snapshot root:
@@ -272,7 +330,12 @@ pub fn restore(source: &dyn BlobSource, req: &Request) -> Result<Stats, RestoreE
             .name("restore-batch".into())
             .spawn_scoped(s, move || fetch::batch(zeros, op_rx, jobs))
             .expect("spawn the restore batcher");
-        let mut writer = write::Writer::new(root, zeros);
+        let opts = write::WriterOptions {
+            prune_from: req.prune.then(|| req.subpath.join(&b'/')),
+            keep: req.keep.clone(),
+            progress: req.progress.clone(),
+        };
+        let mut writer = write::Writer::new(root, zeros, opts);
         // Batches were dealt round-robin: taking them in the same order keeps them in
         // order. A worker with no more batches means there are none after it either.
         // Returning drops the receivers: workers, batcher and planner stop at their next
@@ -409,12 +472,12 @@ mod tests {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn request(src: &MemSource, entries: Vec<Entry>, to: &Path, subpath: &str) -> Request {
-        Request {
-            snapshot: "s1".into(),
-            root: src.tree(Tree { entries }),
-            subpath: parse_subpath(Path::new(subpath)).unwrap(),
-            to: to.to_path_buf(),
-        }
+        Request::new(
+            "s1".into(),
+            src.tree(Tree { entries }),
+            parse_subpath(Path::new(subpath)).unwrap(),
+            to.to_path_buf(),
+        )
     }
 
     use morgana_core::testdata::noise;
@@ -429,6 +492,75 @@ mod tests {
         for bad in ["/etc", "a/../b", "..", "../x"] {
             assert!(parse_subpath(Path::new(bad)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn prune_makes_folders_equal_except_kept_paths() {
+        let src = MemSource::default();
+        let entries = vec![
+            src.file(b"f", b"new", 1),
+            src.dir(b"d", vec![src.file(b"a", &noise(3000, 1), 1000)]),
+            src.dir(b"keep", vec![src.file(b"from-snapshot", b"x", 1)]),
+        ];
+        let tmp = tempfile::tempdir().unwrap();
+        let to = tmp.path();
+        std::fs::write(to.join("f"), b"old").unwrap();
+        std::fs::write(to.join("x"), b"extra").unwrap();
+        std::fs::create_dir_all(to.join("d/y/z")).unwrap();
+        std::fs::write(to.join("d/a"), b"stale").unwrap();
+        std::fs::create_dir(to.join("keep")).unwrap();
+        std::fs::write(to.join("keep/mine"), b"kept").unwrap();
+        std::os::unix::fs::symlink("/etc", to.join("link")).unwrap();
+        let mut req = request(&src, entries, to, "");
+        req.prune = true;
+        req.keep = Some(Keep(Arc::new(|p: &[u8]| {
+            p == b"keep" || p.starts_with(b"keep/")
+        })));
+        let progress = Arc::new(Progress::default());
+        req.progress = Some(progress.clone());
+        let stats = restore(&src, &req).unwrap();
+        assert_eq!(std::fs::read(to.join("f")).unwrap(), b"new");
+        assert_eq!(std::fs::read(to.join("d/a")).unwrap(), noise(3000, 1));
+        assert_eq!(std::fs::read(to.join("keep/mine")).unwrap(), b"kept");
+        assert!(!to.join("keep/from-snapshot").exists());
+        let mut names: Vec<_> = std::fs::read_dir(to)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["d", "f", "keep"],
+            "extra entries and temp names are gone"
+        );
+        assert!(!to.join("d/y").exists());
+        assert_eq!(stats.removed, 3, "x, link and d/y");
+        assert_eq!(progress.files.load(std::sync::atomic::Ordering::Relaxed), 2);
+        // The symlink was removed, not followed.
+        assert!(std::path::Path::new("/etc").is_dir());
+    }
+
+    #[test]
+    fn prune_stays_inside_the_subpath() {
+        let src = MemSource::default();
+        let docs = src.dir(b"docs", vec![src.file(b"r.txt", b"report", 1)]);
+        let a = src.dir(b"a", vec![docs, src.file(b"other", b"o", 1)]);
+        let tmp = tempfile::tempdir().unwrap();
+        let to = tmp.path();
+        std::fs::create_dir_all(to.join("a/docs")).unwrap();
+        std::fs::write(to.join("a/docs/r.txt"), b"edited").unwrap();
+        std::fs::write(to.join("a/docs/extra"), b"added").unwrap();
+        std::fs::write(to.join("a/unrelated"), b"stays").unwrap();
+        std::fs::write(to.join("top"), b"stays").unwrap();
+        let mut req = request(&src, vec![a], to, "a/docs");
+        req.prune = true;
+        let stats = restore(&src, &req).unwrap();
+        assert_eq!(std::fs::read(to.join("a/docs/r.txt")).unwrap(), b"report");
+        assert!(!to.join("a/docs/extra").exists());
+        assert_eq!(std::fs::read(to.join("a/unrelated")).unwrap(), b"stays");
+        assert_eq!(std::fs::read(to.join("top")).unwrap(), b"stays");
+        assert!(!to.join("a/other").exists(), "only the subpath is restored");
+        assert_eq!(stats.removed, 1);
     }
 
     #[test]

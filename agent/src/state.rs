@@ -12,6 +12,8 @@ const DEVICE_FILE: &str = "device.json";
 /// The policy fetched at the last sync (`morgana_core::control::AgentPolicy`), for the
 /// parts of the agent that run without asking the appliance.
 pub const POLICY_FILE: &str = "policy.json";
+/// Held (flock) by whoever syncs or restores into the protected root.
+pub const SYNC_LOCK_FILE: &str = "sync.lock";
 pub const CLIENT_KEY_FILE: &str = "client.key";
 pub const CLIENT_CERT_FILE: &str = "client.crt";
 pub const CA_CERT_FILE: &str = "ca.crt";
@@ -61,6 +63,12 @@ pub struct Device {
     pub device_id: String,
     /// The directory this device protects.
     pub root: PathBuf,
+}
+
+/// The sync lock; released when dropped (closing the descriptor releases the flock).
+#[derive(Debug)]
+pub struct SyncLock {
+    _file: fs::File,
 }
 
 /// An open state directory.
@@ -140,6 +148,48 @@ impl State {
         fs::rename(&tmp, &path).map_err(io(&path))
     }
 
+    /// Takes the sync lock, waiting while another process (or task) holds it. One sync (or
+    /// revert) at a time per state directory: the `run` service, a manual `sync` and a
+    /// restore job never overlap. Blocking: call from a blocking thread.
+    pub fn lock_sync(&self) -> Result<SyncLock, StateError> {
+        self.sync_lock(true)
+            .map(|l| l.expect("a blocking flock returns the lock"))
+    }
+
+    /// The sync lock if nobody holds it, else `None`.
+    pub fn try_lock_sync(&self) -> Result<Option<SyncLock>, StateError> {
+        self.sync_lock(false)
+    }
+
+    fn sync_lock(&self, wait: bool) -> Result<Option<SyncLock>, StateError> {
+        use std::os::fd::AsRawFd;
+        let path = self.path(SYNC_LOCK_FILE);
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(&path))?;
+        let op = if wait {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_EX | libc::LOCK_NB
+        };
+        loop {
+            // SAFETY: a valid descriptor we own; flock has no memory preconditions.
+            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+                return Ok(Some(SyncLock { _file: file }));
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EWOULDBLOCK) if !wait => return Ok(None),
+                _ => return Err(io(&path)(e)),
+            }
+        }
+    }
+
     pub fn save_device(&self, device: &Device) -> Result<(), StateError> {
         let json = serde_json::to_vec_pretty(device).expect("device serializes");
         self.write(DEVICE_FILE, &json, 0o600)
@@ -164,5 +214,28 @@ impl State {
                 path,
                 reason: e.to_string(),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_sync_lock_holder_at_a_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = State {
+            dir: tmp.path().to_path_buf(),
+        };
+        let held = state.try_lock_sync().unwrap().expect("free at first");
+        // A second open of the lock file (another process, or another task) is refused.
+        assert!(state.try_lock_sync().unwrap().is_none());
+        let waiter = {
+            let state = state.clone();
+            std::thread::spawn(move || state.lock_sync().map(drop))
+        };
+        drop(held);
+        waiter.join().unwrap().unwrap();
+        assert!(state.try_lock_sync().unwrap().is_some());
     }
 }

@@ -13,7 +13,72 @@ use serde::Serialize;
 use crate::client::Client;
 use crate::scan::{Report, Skipped};
 use crate::snapshot::{self, Options};
-use crate::state::State;
+use crate::state::{State, StateError, SyncLock};
+
+/// When the last sync succeeded, so a restarted service keeps its schedule.
+const LAST_SYNC_FILE: &str = "last-sync.json";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct LastSync {
+    /// Unix milliseconds on this machine's clock when the sync finished.
+    pub at_ms: i64,
+    pub snapshot: String,
+    /// RFC 3339 UTC, from the appliance.
+    pub created: String,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The last successful sync recorded in the state directory; `None` if none is (or the
+/// record is unreadable: the next sync rewrites it).
+pub fn last_sync(state: &State) -> Option<LastSync> {
+    let bytes = std::fs::read(state.path(LAST_SYNC_FILE)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn record_sync(state: &State, summary: &Summary) -> Result<(), StateError> {
+    let last = LastSync {
+        at_ms: now_ms(),
+        snapshot: summary.snapshot.clone(),
+        created: summary.created.clone(),
+    };
+    let json = serde_json::to_vec(&last).expect("serializes");
+    state.write(LAST_SYNC_FILE, &json, 0o600)
+}
+
+/// Takes the sync lock from async code; `announce` is called if another holder makes us
+/// wait.
+pub async fn lock(state: &State, announce: impl FnOnce()) -> anyhow::Result<SyncLock> {
+    if let Some(l) = state.try_lock_sync()? {
+        return Ok(l);
+    }
+    announce();
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || state.lock_sync())
+        .await
+        .context("the lock waiter stopped unexpectedly")?
+        .map_err(Into::into)
+}
+
+/// One sync under the sync lock (the caller holds `_lock`), recorded as the last
+/// successful one when it succeeds.
+pub async fn sync_locked(
+    state: &State,
+    client: &Arc<Client>,
+    reason: &str,
+    progress: &ProgressBar,
+    _lock: &SyncLock,
+) -> anyhow::Result<Summary> {
+    let summary = sync_once(state, client, reason, progress).await?;
+    if let Err(e) = record_sync(state, &summary) {
+        tracing::warn!(error = %e, "cannot record the last sync time; the schedule may run early");
+    }
+    Ok(summary)
+}
 
 /// What a sync did; `sync --json` prints it as is (the contract scripts and tests rely on).
 #[derive(Clone, Debug, Serialize)]

@@ -2,6 +2,8 @@
 //! pack upload, snapshot commit and listing, blob fetch. Every error is a JSON
 //! `ErrorBody { error }` a person can act on.
 
+pub mod control;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -15,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt;
 use morgana_core::Id;
+use morgana_core::control::{PATH_HEARTBEAT, PATH_JOB_REPORT, PATH_JOBS_NEXT};
 use morgana_core::pack::{self, BlobKind, Pack, PackBuilder, PackEntry};
 use morgana_core::tree::Tree;
 use morgana_core::wire::{
@@ -55,6 +58,7 @@ struct Inner {
     pki: Arc<Pki>,
     /// Bounds memory: each pack being processed holds up to two copies of 160 MB.
     pack_permits: Semaphore,
+    control: control::Control,
 }
 
 impl AppState {
@@ -65,7 +69,17 @@ impl AppState {
             store,
             pki,
             pack_permits: Semaphore::new(cores.max(2)),
+            control: control::Control::default(),
         }))
+    }
+
+    /// Tells agents to send a heartbeat this often (`serve --heartbeat-every`).
+    pub fn heartbeat_every(mut self, every: std::time::Duration) -> AppState {
+        let secs = u32::try_from(every.as_secs()).unwrap_or(u32::MAX);
+        Arc::get_mut(&mut self.0)
+            .expect("configured before the state is shared")
+            .control = control::Control::with_heartbeat_secs(secs);
+        self
     }
 }
 
@@ -83,6 +97,9 @@ pub fn router(state: AppState) -> Router {
             morgana_core::control::PATH_POLICY,
             get(policy::device_policy),
         )
+        .route(PATH_HEARTBEAT, post(control::heartbeat))
+        .route(PATH_JOBS_NEXT, post(control::next_job))
+        .route(PATH_JOB_REPORT, post(control::report_job))
         .layer(middleware::from_fn(require_protocol));
     Router::new()
         .route(wire::PATH_HEALTH, get(|| async { "ok" }))
@@ -727,6 +744,7 @@ mod tests {
         data: DataDir,
         app: Router,
         catalog: Arc<dyn Catalog>,
+        state: AppState,
     }
 
     async fn harness() -> Harness {
@@ -737,12 +755,14 @@ mod tests {
         let catalog: Arc<dyn Catalog> =
             Arc::new(SqliteCatalog::open(&data.catalog(), true).await.unwrap());
         let store = Arc::new(PackStore::open(&[data.default_volume()]).unwrap());
-        let app = router(AppState::new(catalog.clone(), store, pki));
+        let state = AppState::new(catalog.clone(), store, pki);
+        let app = router(state.clone());
         Harness {
             _dir: dir,
             data,
             app,
             catalog,
+            state,
         }
     }
 
@@ -1003,5 +1023,150 @@ mod tests {
         std::fs::write(&path, bytes).unwrap();
         // Pack checksum, the damaged chunk, and the snapshot that needs it.
         assert_eq!(crate::commands::check::check(&h.data).await.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn heartbeats_and_jobs_over_the_control_plane() {
+        use morgana_core::control::{
+            Heartbeat, HeartbeatReply, Inventory, Job, JobKind, JobProgress, JobReport, JobState,
+            NextJob, PATH_HEARTBEAT, PATH_JOB_REPORT, PATH_JOBS_NEXT,
+        };
+        let h = harness().await;
+        let token = Id::of(b"token");
+        h.catalog.create_token(token, 1, i64::MAX).await.unwrap();
+        let device = Device {
+            id: "d1".into(),
+            hostname: "pc-1".into(),
+            cert_fingerprint: Id::of(b"device cert"),
+            created: crate::clock::rfc3339_ms(0),
+            revoked: false,
+        };
+        h.catalog.enroll_device(token, 1, &device).await.unwrap();
+        let cert = Some(&b"device cert"[..]);
+        fn json(v: &impl Serialize) -> Vec<u8> {
+            serde_json::to_vec(v).unwrap()
+        }
+
+        // A heartbeat with inventory: recorded once, acknowledged by digest.
+        let inventory = Inventory {
+            hostname: "pc-1".into(),
+            cpu_count: 8,
+            ..Default::default()
+        };
+        let beat = Heartbeat {
+            agent_version: "0.1.0".into(),
+            inventory: Some(inventory.clone()),
+            ..Default::default()
+        };
+        let (status, body) = h.call("POST", PATH_HEARTBEAT, cert, json(&beat)).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        let reply: HeartbeatReply = serde_json::from_slice(&body).unwrap();
+        assert_eq!(reply.heartbeat_secs, control::DEFAULT_HEARTBEAT_SECS);
+        assert_eq!(reply.inventory_digest, Some(inventory.digest()));
+        let (status, _) = h.call("POST", PATH_HEARTBEAT, cert, json(&beat)).await;
+        assert_eq!(status, StatusCode::OK);
+        let filter = crate::events::EventFilter {
+            kind_prefix: Some("device.inventory".into()),
+            ..Default::default()
+        };
+        let changed = h.catalog.events_page(&filter, None, 10).await.unwrap();
+        assert_eq!(changed.len(), 1, "recorded once: {changed:?}");
+        let (status, _) = h.call("POST", PATH_HEARTBEAT, None, json(&beat)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+        // No job: 204 once the wait is over.
+        let poll = |secs| json(&NextJob { wait_secs: secs });
+        let (status, _) = h.call("POST", PATH_JOBS_NEXT, cert, poll(0)).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+
+        // A waiting poll gets a job queued meanwhile (woken, well before its 50 s).
+        let app = h.app.clone();
+        let waiting = tokio::spawn(async move {
+            let mut req = axum::http::Request::builder()
+                .method("POST")
+                .uri(PATH_JOBS_NEXT)
+                .header(wire::PROTOCOL_HEADER, "1")
+                .body(Body::from(
+                    serde_json::to_vec(&NextJob { wait_secs: 50 }).unwrap(),
+                ))
+                .unwrap();
+            req.extensions_mut()
+                .insert(PeerCertificate(Some(Arc::from(&b"device cert"[..]))));
+            let resp = app.oneshot(req).await.unwrap();
+            let status = resp.status();
+            let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            (status, body)
+        });
+        while !h.state.0.control.has_waiters() {
+            tokio::task::yield_now().await;
+        }
+        let job = crate::jobs::queue(h.catalog.as_ref(), "d1", JobKind::Sync, "cli")
+            .await
+            .unwrap();
+        h.state.0.control.wake("d1");
+        let (status, body) = waiting.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        let got: Job = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (got.id.as_str(), got.kind),
+            (job.id.as_str(), JobKind::Sync)
+        );
+        // Handed out once.
+        let (status, _) = h.call("POST", PATH_JOBS_NEXT, cert, poll(0)).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+
+        // Reports: progress, then the outcome, then nothing more.
+        let report = |state, message: &str| {
+            json(&JobReport {
+                job_id: job.id.clone(),
+                state,
+                progress: JobProgress {
+                    files_done: 1,
+                    ..Default::default()
+                },
+                message: message.into(),
+            })
+        };
+        let (status, _) = h
+            .call("POST", PATH_JOB_REPORT, cert, report(JobState::Queued, ""))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let (status, _) = h
+            .call("POST", PATH_JOB_REPORT, cert, report(JobState::Running, ""))
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, _) = h
+            .call(
+                "POST",
+                PATH_JOB_REPORT,
+                cert,
+                report(JobState::Failed, "disk full"),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, _) = h
+            .call(
+                "POST",
+                PATH_JOB_REPORT,
+                cert,
+                report(JobState::Succeeded, ""),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        let stored = h.catalog.job(&job.id).await.unwrap().unwrap();
+        assert_eq!(
+            (stored.state, stored.message.as_str()),
+            (JobState::Failed, "disk full")
+        );
+        let filter = crate::events::EventFilter {
+            kind_prefix: Some("job.failed".into()),
+            ..Default::default()
+        };
+        let failed = h.catalog.events_page(&filter, None, 10).await.unwrap();
+        assert_eq!(failed.len(), 1);
+        assert!(failed[0].event.message.contains("disk full"), "{failed:?}");
+        assert_eq!(failed[0].event.severity, crate::events::Severity::Error);
     }
 }

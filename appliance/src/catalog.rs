@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use async_trait::async_trait;
 use morgana_core::Id;
+use morgana_core::control::{Inventory, JobKind, JobProgress, JobReport, JobState};
 use morgana_core::pack::PackEntry;
 use morgana_core::plugin::Hook;
 use morgana_core::plugin::types::LayerKind;
@@ -378,6 +379,55 @@ pub trait Catalog: Send + Sync {
 
     /// The open alert episodes, oldest first.
     async fn open_alerts(&self) -> Result<Vec<OpenAlert>>;
+
+    // ---- Control plane: device status and jobs (issue 3) ----
+
+    /// Every enrolled device with what it last reported, by id.
+    async fn devices(&self) -> Result<Vec<DeviceStatus>>;
+
+    async fn device_status(&self, id: &str) -> Result<Option<DeviceStatus>>;
+
+    /// Records a heartbeat. With an inventory, stores it and its digest; returns whether
+    /// that digest differs from the one held before (true for a device's first inventory).
+    async fn record_heartbeat(&self, device_id: &str, beat: &HeartbeatRecord<'_>) -> Result<bool>;
+
+    async fn snapshot(&self, id: &str) -> Result<Option<SnapshotInfo>>;
+
+    /// Stores a new job (state `queued`).
+    async fn queue_job(&self, job: &JobRecord) -> Result<()>;
+
+    /// Takes the device's oldest queued job and marks it running, in one step: two polls
+    /// never get the same job.
+    async fn take_next_job(&self, device_id: &str, now_ms: i64) -> Result<Option<JobRecord>>;
+
+    /// Applies an agent's report to its job: progress while running, then the outcome
+    /// (`finished_ms` set). `None`, and nothing changes, unless `report.job_id` is a job of
+    /// `device_id` that is running.
+    async fn report_job(
+        &self,
+        device_id: &str,
+        report: &JobReport,
+        now_ms: i64,
+    ) -> Result<Option<JobRecord>>;
+
+    /// Marks failed, with `message`, the device's running jobs other than `except` that
+    /// started before `started_before_ms`; returns them.
+    async fn fail_running_jobs(
+        &self,
+        device_id: &str,
+        except: Option<&str>,
+        started_before_ms: i64,
+        message: &str,
+        now_ms: i64,
+    ) -> Result<Vec<JobRecord>>;
+
+    async fn job(&self, id: &str) -> Result<Option<JobRecord>>;
+
+    /// Jobs newest first, of one device or all, at most `limit`.
+    async fn jobs(&self, device_id: Option<&str>, limit: u32) -> Result<Vec<JobRecord>>;
+
+    /// Devices that have queued jobs (to wake their waiting polls).
+    async fn devices_with_queued_jobs(&self) -> Result<Vec<String>>;
 }
 
 /// A layer version about to be recorded.
@@ -430,6 +480,61 @@ pub struct OpenAlert {
     pub device_id: Option<String>,
     pub since_ms: i64,
     pub message: String,
+}
+
+/// A device as the control plane sees it: enrolment plus what its agent last reported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceStatus {
+    pub device: Device,
+    pub last_seen_ms: Option<i64>,
+    pub agent_version: Option<String>,
+    /// RFC 3339 UTC, as the agent reported it.
+    pub last_snapshot: Option<String>,
+    pub inventory: Option<Inventory>,
+    pub inventory_digest: Option<Id>,
+}
+
+/// One heartbeat, as stored.
+#[derive(Clone, Copy, Debug)]
+pub struct HeartbeatRecord<'a> {
+    pub at_ms: i64,
+    pub agent_version: &'a str,
+    pub last_snapshot: Option<&'a str>,
+    pub inventory: Option<&'a Inventory>,
+}
+
+/// A job for one agent.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub device_id: String,
+    pub kind: JobKind,
+    pub state: JobState,
+    pub progress: JobProgress,
+    pub message: String,
+    pub created_ms: i64,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+    /// `cli`, `user:NAME`, `system`.
+    pub created_by: String,
+}
+
+impl JobRecord {
+    /// A new queued job; its id starts with the time, so ids sort in creation order.
+    pub fn queued(device_id: &str, kind: JobKind, created_by: &str, now_ms: i64) -> JobRecord {
+        JobRecord {
+            id: format!("j{:012x}{}", now_ms, crate::random::hex(4)),
+            device_id: device_id.to_owned(),
+            kind,
+            state: JobState::Queued,
+            progress: JobProgress::default(),
+            message: String::new(),
+            created_ms: now_ms,
+            started_ms: None,
+            finished_ms: None,
+            created_by: created_by.to_owned(),
+        }
+    }
 }
 
 /// A plugin about to be recorded.

@@ -2,9 +2,11 @@
 
 pub mod alerts;
 pub mod check;
+pub mod device;
 pub mod enroll_token;
 pub mod events;
 pub mod gc;
+pub mod job;
 pub mod layer;
 pub mod plugin;
 pub mod policy;

@@ -9,6 +9,7 @@ mod config;
 mod events;
 mod gc;
 mod hooks;
+mod jobs;
 mod layers;
 mod policy;
 mod random;
@@ -52,6 +53,12 @@ enum Command {
     /// Capture, list and show base and app layers.
     #[command(subcommand)]
     Layer(commands::layer::LayerCommand),
+    /// Enrolled devices: status, last seen, inventory.
+    #[command(subcommand)]
+    Device(commands::device::Command),
+    /// Jobs for agents: sync now, restore, revert; list, show, wait.
+    #[command(subcommand)]
+    Job(commands::job::Command),
     /// Manage WASM plugins: add, list, enable, disable, and test one call.
     #[command(subcommand)]
     Plugin(commands::plugin::Command),
@@ -109,6 +116,8 @@ fn main() -> ExitCode {
             Command::Plugin(cmd) => commands::plugin::run(cmd).await,
             Command::Policy(cmd) => commands::policy::run(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Alerts(cmd) => commands::alerts::run(cmd).await.map(|()| ExitCode::SUCCESS),
+            Command::Device(cmd) => commands::device::run(cmd).await.map(|()| ExitCode::SUCCESS),
+            Command::Job(cmd) => commands::job::run(cmd).await,
         }
     });
     match result {

@@ -4,6 +4,7 @@
 
 pub mod chunker;
 pub mod control;
+pub mod duration;
 pub mod id;
 pub mod pack;
 pub mod plugin;

@@ -1,6 +1,7 @@
 //! End-to-end tests: real `morgana serve` and `morgana-agent` processes over TLS on
 //! loopback. One test binary for the whole suite keeps link time down.
 
+mod daemon;
 mod damage;
 mod dedup;
 mod fidelity;

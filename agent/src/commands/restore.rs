@@ -1,6 +1,7 @@
 //! `morgana-agent restore`: a snapshot, or a path inside it, into a directory.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -33,18 +34,16 @@ pub async fn run(
         std::fs::create_dir_all(to)
             .with_context(|| format!("cannot create the restore target {}", to.display()))?;
     }
-    let req = Request {
-        snapshot: snap.id.clone(),
-        root: snap.root,
-        subpath,
-        to: to.to_path_buf(),
-    };
+    let req = Request::new(snap.id.clone(), snap.root, subpath, to.to_path_buf());
     let started = Instant::now();
     let handle = tokio::runtime::Handle::current();
     // The engine is blocking (file system work on its own threads); it reaches the network
     // through this runtime.
     let result = tokio::task::spawn_blocking(move || {
-        let source = ClientSource { client, handle };
+        let source = ClientSource {
+            client: Arc::new(client),
+            handle,
+        };
         restore::restore(&source, &req)
     })
     .await
@@ -109,10 +108,10 @@ fn pick<'a>(snapshots: &'a [SnapshotInfo], wanted: &str) -> anyhow::Result<&'a S
 }
 
 /// The appliance as a blob source: one `fetch_blobs` call per request, driven on the
-/// command's runtime from the restore's own threads.
-struct ClientSource {
-    client: Client,
-    handle: tokio::runtime::Handle,
+/// caller's runtime from the restore's own threads.
+pub(crate) struct ClientSource {
+    pub client: Arc<Client>,
+    pub handle: tokio::runtime::Handle,
 }
 
 impl BlobSource for ClientSource {
@@ -135,7 +134,13 @@ impl BlobSource for ClientSource {
     }
 }
 
-fn print_summary(snap: &SnapshotInfo, path: Option<&Path>, to: &Path, s: &Stats, secs: f64) {
+pub(crate) fn print_summary(
+    snap: &SnapshotInfo,
+    path: Option<&Path>,
+    to: &Path,
+    s: &Stats,
+    secs: f64,
+) {
     let what = match path {
         Some(p) => format!("{} of snapshot {}", p.display(), snap.id),
         None => format!("snapshot {}", snap.id),
@@ -170,7 +175,7 @@ fn print_summary(snap: &SnapshotInfo, path: Option<&Path>, to: &Path, s: &Stats,
     }
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut u = 0;

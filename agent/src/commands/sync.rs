@@ -9,7 +9,7 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
 use crate::client::Client;
 use crate::state::State;
-use crate::sync::{limit_malloc_caching, sync_once};
+use crate::sync::{limit_malloc_caching, sync_locked};
 
 pub async fn run(state_dir: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
     limit_malloc_caching();
@@ -27,7 +27,15 @@ pub async fn run(state_dir: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
     } else {
         ProgressBar::hidden()
     };
-    let summary = sync_once(&state, &client, "manual", &progress).await?;
+    let lock = crate::sync::lock(&state, || {
+        eprintln!(
+            "a sync is already running (the agent service, a restore job or another \
+             `morgana-agent sync`); waiting for it to finish"
+        )
+    })
+    .await?;
+    let summary = sync_locked(&state, &client, "manual", &progress, &lock).await?;
+    drop(lock);
     progress.finish_and_clear();
     if json {
         println!("{}", serde_json::to_string(&summary)?);

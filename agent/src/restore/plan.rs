@@ -142,6 +142,10 @@ impl Planner<'_> {
         path: Vec<u8>,
         subtree: Option<Result<Tree, Problem>>,
     ) -> Result<(), Stop> {
+        if self.req.keeps(&path) {
+            // Left as it is: nothing of it is written (its tree, if fetched, goes unused).
+            return Ok(());
+        }
         if let Content::Tree(id) = entry.content {
             let tree = match subtree {
                 Some(t) => t.map_err(|p| self.tree_error(id, &path, p))?,

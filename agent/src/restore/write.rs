@@ -10,6 +10,7 @@
 //! capabilities), then xattrs, then mode, then mtime last (everything before touches it);
 //! a directory's metadata is set when it is left, after its children are written.
 
+use std::collections::HashSet;
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io::{self, Write};
@@ -17,6 +18,7 @@ use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use morgana_core::Id;
 use morgana_core::id::FileIdHasher;
@@ -26,7 +28,7 @@ use xattr::FileExt as _;
 use super::fetch::{Batch, Blob, Item};
 use super::plan::{Node, Op};
 use super::sys::{self, Dir, Existing, cname};
-use super::{IdMap, RestoreError, Stats, ZeroChunks, show};
+use super::{IdMap, Keep, Progress, RestoreError, Stats, ZeroChunks, join, show};
 
 /// Warnings printed one by one; the rest are only counted in the summary.
 const WARNINGS_SHOWN: u64 = 20;
@@ -46,9 +48,17 @@ struct OpenFile {
 /// Counters and warnings, apart from the directory stack so both can be borrowed at once.
 struct Tally {
     stats: Stats,
+    live: Option<Arc<Progress>>,
 }
 
 impl Tally {
+    fn progress(&self, files: u64, bytes: u64) {
+        if let Some(p) = &self.live {
+            p.files.fetch_add(files, Ordering::Relaxed);
+            p.bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
     fn warn(&mut self, message: String) {
         self.stats.warnings += 1;
         if self.stats.warnings <= WARNINGS_SHOWN {
@@ -66,6 +76,24 @@ pub(super) struct Writer<'a> {
     as_root: bool,
     tally: Tally,
     tmp_seq: u64,
+    prune: Option<Prune>,
+}
+
+/// Pruning: directories at or below `from` end up holding exactly the snapshot's entries.
+struct Prune {
+    from: Vec<u8>,
+    keep: Option<Keep>,
+    /// Names written into each open directory: the target itself, then the stack's.
+    written: Vec<HashSet<Vec<u8>>>,
+}
+
+/// How a [`Writer`] treats what it finds in the target.
+pub(super) struct WriterOptions {
+    /// Remove entries the snapshot lacks from directories at or below this path (relative
+    /// to the target), except kept ones; `None`: remove nothing.
+    pub prune_from: Option<Vec<u8>>,
+    pub keep: Option<Keep>,
+    pub progress: Option<Arc<Progress>>,
 }
 
 fn io_err(action: &'static str, path: &[u8]) -> impl FnOnce(io::Error) -> RestoreError {
@@ -100,7 +128,7 @@ fn create_replacing<T>(
 }
 
 impl<'a> Writer<'a> {
-    pub(super) fn new(root: Dir, zeros: &'a ZeroChunks) -> Writer<'a> {
+    pub(super) fn new(root: Dir, zeros: &'a ZeroChunks, opts: WriterOptions) -> Writer<'a> {
         Writer {
             root,
             stack: Vec::new(),
@@ -109,9 +137,63 @@ impl<'a> Writer<'a> {
             as_root: sys::is_root(),
             tally: Tally {
                 stats: Stats::default(),
+                live: opts.progress,
             },
             tmp_seq: 0,
+            prune: opts.prune_from.map(|from| Prune {
+                from,
+                keep: opts.keep,
+                written: vec![HashSet::new()],
+            }),
         }
+    }
+
+    /// Notes that the current directory got `name`, so pruning leaves it.
+    fn wrote_name(&mut self, name: &[u8]) {
+        if let Some(p) = &mut self.prune {
+            p.written
+                .last_mut()
+                .expect("the target's set is never popped")
+                .insert(name.to_vec());
+        }
+    }
+
+    /// Removes from `dir` (at `dir_path`) what the snapshot does not have there, if pruning
+    /// covers it. `names` are the entries written into it.
+    fn prune_dir(
+        &mut self,
+        dir: &Dir,
+        dir_path: &[u8],
+        names: &HashSet<Vec<u8>>,
+    ) -> Result<(), RestoreError> {
+        let Some(p) = &self.prune else {
+            return Ok(());
+        };
+        let covered = p.from.is_empty()
+            || dir_path == p.from.as_slice()
+            || (dir_path.starts_with(&p.from) && dir_path.get(p.from.len()) == Some(&b'/'));
+        if !covered {
+            return Ok(());
+        }
+        let keep = p.keep.clone();
+        let listing = std::fs::read_dir(dir.proc_path(c".")).map_err(io_err("list", dir_path))?;
+        for entry in listing {
+            let entry = entry.map_err(io_err("list", dir_path))?;
+            let name = entry.file_name();
+            let name = name.as_bytes();
+            if names.contains(name) {
+                continue;
+            }
+            let path = join(dir_path, name);
+            if keep.as_ref().is_some_and(|k| k.keeps(&path)) {
+                continue;
+            }
+            let c = cname(name).map_err(io_err("name", &path))?;
+            dir.remove_any(&c)
+                .map_err(io_err("remove (the snapshot does not have it)", &path))?;
+            self.tally.stats.removed += 1;
+        }
+        Ok(())
     }
 
     pub(super) fn apply(&mut self, batch: Batch) -> Result<(), RestoreError> {
@@ -136,6 +218,10 @@ impl<'a> Writer<'a> {
             self.stack.is_empty() && self.current.is_none(),
             "the planner ends every directory and file it starts"
         );
+        if let Some(names) = self.prune.as_mut().and_then(|p| p.written.pop()) {
+            let root = self.root.open_child(c".").map_err(io_err("open", b""))?;
+            self.prune_dir(&root, b"", &names)?;
+        }
         let hidden = self.tally.stats.warnings.saturating_sub(WARNINGS_SHOWN);
         if hidden > 0 {
             tracing::warn!("{hidden} more warnings not shown");
@@ -148,10 +234,25 @@ impl<'a> Writer<'a> {
     }
 
     fn op(&mut self, op: Op) -> Result<(), RestoreError> {
+        match &op {
+            Op::Enter(node) | Op::Leaf(node) | Op::Link { node, .. } => {
+                self.wrote_name(&node.entry.name)
+            }
+            Op::Leave => {}
+        }
         match op {
-            Op::Enter(node) => self.enter(node),
+            Op::Enter(node) => {
+                self.enter(node)?;
+                if let Some(p) = &mut self.prune {
+                    p.written.push(HashSet::new());
+                }
+                Ok(())
+            }
             Op::Leave => {
                 let (dir, node) = self.stack.pop().expect("Leave follows Enter");
+                if let Some(names) = self.prune.as_mut().and_then(|p| p.written.pop()) {
+                    self.prune_dir(&dir, &node.path, &names)?;
+                }
                 meta_fd(dir.file(), &node, self.as_root, &mut self.tally)?;
                 self.tally.stats.dirs += 1;
                 Ok(())
@@ -208,13 +309,33 @@ impl<'a> Writer<'a> {
                     Content::Inline(d) => d,
                     _ => unreachable!("chunked files arrive as chunk items"),
                 };
-                let mut f = create_replacing(dir, &name, path, "create the file", || {
-                    dir.create_file(&name, 0o600)
-                })?;
-                f.write_all(data).map_err(io_err("write", path))?;
+                // A name already taken (restoring over a tree, reverting) is replaced by a
+                // staged copy renamed over it: readers see the old file or the new one.
+                let (mut f, staged) = match dir.create_file(&name, 0o600) {
+                    Ok(f) => (f, None),
+                    Err(e) if is(&e, libc::EEXIST) => {
+                        let (f, tmp) = create_tmp(dir, &mut self.tmp_seq, path)?;
+                        (f, Some(tmp))
+                    }
+                    Err(e) => return Err(io_err("create the file", path)(e)),
+                };
+                let written = f
+                    .write_all(data)
+                    .map_err(io_err("write", path))
+                    .and_then(|()| meta_fd(&f, node, self.as_root, &mut self.tally));
+                if let Err(e) = written {
+                    if let Some(tmp) = &staged {
+                        let _ = dir.unlink(tmp);
+                    }
+                    return Err(e);
+                }
+                if let Some(tmp) = &staged {
+                    rename_into_place(dir, tmp, &name, path)?;
+                }
                 self.tally.stats.files += 1;
                 self.tally.stats.bytes += data.len() as u64;
-                meta_fd(&f, node, self.as_root, &mut self.tally)
+                self.tally.progress(1, data.len() as u64);
+                Ok(())
             }
             Kind::Symlink => {
                 let target =
@@ -363,19 +484,9 @@ impl<'a> Writer<'a> {
 
     fn open_file(&mut self, node: Arc<Node>) -> Result<(), RestoreError> {
         assert!(self.current.is_none(), "files are written one at a time");
+        self.wrote_name(&node.entry.name);
         let dir = self.stack.last().map_or(&self.root, |(d, _)| d);
-        let pid = std::process::id();
-        // O_EXCL: a name someone else holds (or planted as a symlink) is skipped, not used.
-        let (file, tmp) = loop {
-            self.tmp_seq += 1;
-            let tmp = cname(format!(".morgana-restore.{pid}.{}", self.tmp_seq).as_bytes())
-                .expect("no NUL in a made-up name");
-            match dir.create_file(&tmp, 0o600) {
-                Ok(f) => break (f, tmp),
-                Err(e) if is(&e, libc::EEXIST) && self.tmp_seq < u64::MAX => continue,
-                Err(e) => return Err(io_err("create a temporary file for", &node.path)(e)),
-            }
-        };
+        let (file, tmp) = create_tmp(dir, &mut self.tmp_seq, &node.path)?;
         self.current = Some(OpenFile {
             node,
             file,
@@ -419,22 +530,10 @@ impl<'a> Writer<'a> {
         meta_fd(&f.file, node, self.as_root, &mut self.tally)?;
         let dir = self.stack.last().map_or(&self.root, |(d, _)| d);
         let name = cname(&e.name).map_err(io_err("name", path))?;
-        // rename replaces a non-directory atomically; a directory in the way must go first.
-        match dir.rename(&f.tmp, &name) {
-            Err(err)
-                if is(&err, libc::EISDIR)
-                    || is(&err, libc::ENOTEMPTY)
-                    || is(&err, libc::EEXIST) =>
-            {
-                dir.remove_any(&name)
-                    .map_err(io_err("remove what is in the way of", path))?;
-                dir.rename(&f.tmp, &name)
-                    .map_err(io_err("move into place", path))?;
-            }
-            other => other.map_err(io_err("move into place", path))?,
-        }
+        rename_into_place(dir, &f.tmp, &name, path)?;
         self.tally.stats.files += 1;
         self.tally.stats.bytes += e.size;
+        self.tally.progress(1, e.size);
         self.current = None;
         Ok(())
     }
@@ -446,6 +545,38 @@ impl<'a> Writer<'a> {
             drop(f.file);
             let _ = dir.unlink(&f.tmp);
         }
+    }
+}
+
+/// Creates a new temporary file in `dir` for the entry at `path`. O_EXCL: a name someone
+/// else holds (or planted as a symlink) is skipped, not used.
+fn create_tmp(dir: &Dir, seq: &mut u64, path: &[u8]) -> Result<(File, CString), RestoreError> {
+    let pid = std::process::id();
+    loop {
+        *seq += 1;
+        let tmp = cname(format!(".morgana-restore.{pid}.{seq}").as_bytes())
+            .expect("no NUL in a made-up name");
+        match dir.create_file(&tmp, 0o600) {
+            Ok(f) => return Ok((f, tmp)),
+            Err(e) if is(&e, libc::EEXIST) && *seq < u64::MAX => continue,
+            Err(e) => return Err(io_err("create a temporary file for", path)(e)),
+        }
+    }
+}
+
+/// Renames a finished temporary file over `name`: atomic over a non-directory; a
+/// directory in the way must go first.
+fn rename_into_place(dir: &Dir, tmp: &CStr, name: &CStr, path: &[u8]) -> Result<(), RestoreError> {
+    match dir.rename(tmp, name) {
+        Err(err)
+            if is(&err, libc::EISDIR) || is(&err, libc::ENOTEMPTY) || is(&err, libc::EEXIST) =>
+        {
+            dir.remove_any(name)
+                .map_err(io_err("remove what is in the way of", path))?;
+            dir.rename(tmp, name)
+                .map_err(io_err("move into place", path))
+        }
+        other => other.map_err(io_err("move into place", path)),
     }
 }
 

@@ -16,14 +16,17 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Row};
 
 use super::{
-    BlobLocation, Catalog, CatalogError, Device, DeviceProtection, Fenced, GcHorizon,
-    LayerRecord, NewLayer, NewPlugin, OpenAlert, PackRecord, PackUsage, PluginRecord, Result,
+    BlobLocation, Catalog, CatalogError, Device, DeviceProtection, DeviceStatus, Fenced, GcHorizon,
+    HeartbeatRecord, JobRecord, LayerRecord, NewLayer, NewPlugin, OpenAlert, PackRecord, PackUsage,
+    PluginRecord, Result,
 };
 use crate::events::{ChainCheck, Event, EventFilter, NewEvent};
 use crate::policy::{PolicySpec, PolicyVersion};
+use morgana_core::control::JobReport;
 use morgana_core::plugin::Hook;
 
 mod events;
+mod jobs;
 mod layers;
 mod plugins;
 mod policies;
@@ -1173,6 +1176,71 @@ impl Catalog for SqliteCatalog {
 
     async fn open_alerts(&self) -> Result<Vec<OpenAlert>> {
         self.alerts_all().await
+    }
+
+    // ---- Control plane (issue 3): the SQL lives in sqlite/jobs.rs ----
+
+    async fn devices(&self) -> Result<Vec<DeviceStatus>> {
+        self.device_statuses(None).await
+    }
+
+    async fn device_status(&self, id: &str) -> Result<Option<DeviceStatus>> {
+        Ok(self.device_statuses(Some(id)).await?.pop())
+    }
+
+    async fn record_heartbeat(&self, device_id: &str, beat: &HeartbeatRecord<'_>) -> Result<bool> {
+        self.heartbeat_record(device_id, beat).await
+    }
+
+    async fn snapshot(&self, id: &str) -> Result<Option<SnapshotInfo>> {
+        let sql = format!("SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE id = ?");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("looking up a snapshot"))?;
+        row.as_ref().map(snapshot_from_row).transpose()
+    }
+
+    async fn queue_job(&self, job: &JobRecord) -> Result<()> {
+        self.jobs_insert(job).await
+    }
+
+    async fn take_next_job(&self, device_id: &str, now_ms: i64) -> Result<Option<JobRecord>> {
+        self.jobs_take_next(device_id, now_ms).await
+    }
+
+    async fn report_job(
+        &self,
+        device_id: &str,
+        report: &JobReport,
+        now_ms: i64,
+    ) -> Result<Option<JobRecord>> {
+        self.jobs_report(device_id, report, now_ms).await
+    }
+
+    async fn fail_running_jobs(
+        &self,
+        device_id: &str,
+        except: Option<&str>,
+        started_before_ms: i64,
+        message: &str,
+        now_ms: i64,
+    ) -> Result<Vec<JobRecord>> {
+        self.jobs_fail_running(device_id, except, started_before_ms, message, now_ms)
+            .await
+    }
+
+    async fn job(&self, id: &str) -> Result<Option<JobRecord>> {
+        self.jobs_by_id(id).await
+    }
+
+    async fn jobs(&self, device_id: Option<&str>, limit: u32) -> Result<Vec<JobRecord>> {
+        self.jobs_list(device_id, limit).await
+    }
+
+    async fn devices_with_queued_jobs(&self) -> Result<Vec<String>> {
+        self.jobs_queued_devices().await
     }
 }
 

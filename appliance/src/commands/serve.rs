@@ -37,6 +37,9 @@ pub struct Args {
     /// `off`.
     #[arg(long, value_name = "DURATION|off", env = "MORGANA_ALERT_CHECK_EVERY", default_value = "5m", value_parser = parse_every)]
     pub alert_check_every: Every,
+    /// How often agents send a heartbeat (status, inventory changes).
+    #[arg(long, value_name = "DURATION", env = "MORGANA_HEARTBEAT_EVERY", default_value = "60s", value_parser = parse_duration)]
+    pub heartbeat_every: Duration,
 }
 
 /// An interval, or none (`off`).
@@ -80,7 +83,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let catalog: Arc<dyn Catalog> = Arc::new(catalog);
     crate::commands::plugin::check_active(catalog.as_ref(), &data).await;
     let store = Arc::new(store);
-    let state = AppState::new(catalog.clone(), store.clone(), Arc::new(pki));
+    let state = AppState::new(catalog.clone(), store.clone(), Arc::new(pki))
+        .heartbeat_every(args.heartbeat_every);
+    api::control::spawn_sweeper(&state);
     if let Every(Some(every)) = args.alert_check_every {
         let catalog = catalog.clone();
         let volumes = store.volumes().to_vec();
