@@ -76,8 +76,18 @@ impl Appliance {
     }
 
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> Result<Appliance> {
+        Self::start_with_env(data_dir, extra, &[])
+    }
+
+    /// Started with extra flags and environment variables (e.g. `MORGANA_ADMIN_PASSWORD`).
+    pub fn start_with_env(
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Appliance> {
         let mut child = morgana()
             .arg("serve")
+            .envs(env.iter().copied())
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0"])

@@ -7,3 +7,4 @@ pub mod gc;
 pub mod plugin;
 pub mod serve;
 pub mod snapshot;
+pub mod user;

@@ -1,6 +1,7 @@
 //! `morgana`: the Morgana appliance in one binary.
 
 mod api;
+mod auth;
 mod catalog;
 mod clock;
 mod commands;
@@ -8,10 +9,12 @@ mod config;
 mod events;
 mod gc;
 mod random;
+mod rest;
 mod retention;
 mod snapshot;
 mod store;
 mod tls;
+mod web;
 
 use std::process::ExitCode;
 
@@ -45,6 +48,9 @@ enum Command {
     /// Manage WASM plugins: add, list, enable, disable, and test one call.
     #[command(subcommand)]
     Plugin(commands::plugin::Command),
+    /// Manage web UI and API accounts: add, list.
+    #[command(subcommand)]
+    User(commands::user::Command),
 }
 
 /// Exit status for failures (as opposed to `check` finding damage, which is 1).
@@ -85,6 +91,7 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Plugin(cmd) => commands::plugin::run(cmd).await,
+            Command::User(cmd) => commands::user::run(cmd).await.map(|()| ExitCode::SUCCESS),
         }
     });
     match result {

@@ -8,6 +8,7 @@ mod gc;
 mod plugins;
 mod protocol;
 mod resume;
+mod web;
 
 /// rustls needs one process-wide crypto provider before any TLS use in a test helper.
 pub fn init() {
