@@ -26,7 +26,7 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 
-use crate::auth::{self, LoginLimiter, Permission, Role};
+use crate::auth::{self, LoginLimiter, Permission};
 use crate::catalog::{Catalog, User};
 
 /// Form bodies of the UI are small; anything bigger is not one of ours.
@@ -102,7 +102,10 @@ async fn require_csrf(req: Request, next: Next) -> Response {
         .headers()
         .get("sec-fetch-site")
         .is_some_and(|v| v.as_bytes() == b"cross-site");
-    let Some(secret) = auth::session_secret(req.headers()) else {
+    // The login form is sent without a session (or with a stale one, which it replaces):
+    // there, only the browser's own word that it came from another site refuses it.
+    let session = auth::session_secret(req.headers()).filter(|_| req.uri().path() != "/login");
+    let Some(secret) = session else {
         if cross_site {
             return csrf_refused();
         }
@@ -182,10 +185,6 @@ impl<N> Auth<N> {
     /// The actor recorded in audit events.
     pub fn actor(&self) -> String {
         format!("user:{}", self.user.name)
-    }
-
-    pub fn role(&self) -> Role {
-        self.user.role
     }
 }
 

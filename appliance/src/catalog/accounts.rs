@@ -82,14 +82,6 @@ pub enum DeviceSort {
 }
 
 impl DeviceSort {
-    pub fn name(self) -> &'static str {
-        match self {
-            DeviceSort::Hostname => "hostname",
-            DeviceSort::Created => "created",
-            DeviceSort::LastSnapshot => "last_snapshot",
-        }
-    }
-
     pub fn parse(s: &str) -> Option<DeviceSort> {
         match s {
             "hostname" => Some(DeviceSort::Hostname),
@@ -113,15 +105,6 @@ pub enum DeviceState {
 }
 
 impl DeviceState {
-    pub fn name(self) -> &'static str {
-        match self {
-            DeviceState::Protected => "protected",
-            DeviceState::Stale => "stale",
-            DeviceState::Never => "never",
-            DeviceState::Revoked => "revoked",
-        }
-    }
-
     pub fn parse(s: &str) -> Option<DeviceState> {
         match s {
             "protected" => Some(DeviceState::Protected),

@@ -154,12 +154,6 @@ pub struct DeviceParams {
     pub limit: Option<u32>,
 }
 
-impl DeviceParams {
-    pub fn sort(&self) -> DeviceSort {
-        DeviceSort::parse(&self.sort).unwrap_or_default()
-    }
-}
-
 /// The query for `params`, seen by `caller`: end users see only their own devices.
 pub fn device_query(caller: &User, params: &DeviceParams) -> OpResult<DeviceQuery> {
     let sort = if params.sort.is_empty() {

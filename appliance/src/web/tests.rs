@@ -11,7 +11,7 @@ use axum::http::{Request, StatusCode, header};
 use morgana_core::Id;
 use morgana_core::pack::{BlobKind, Compression, PackBuilder};
 use morgana_core::tree::{Content, Entry, Kind, Tree};
-use morgana_core::wire::{EnrollToken, SnapshotInfo};
+use morgana_core::wire::SnapshotInfo;
 use tower::ServiceExt;
 
 use crate::api::AppState;
@@ -61,7 +61,7 @@ fn file(name: &str, data: &[u8]) -> Entry {
     }
 }
 
-fn dir(name: &str, id: Id) -> Entry {
+fn folder(name: &str, id: Id) -> Entry {
     Entry {
         name: name.as_bytes().to_vec(),
         kind: Some(Kind::Dir),
@@ -184,13 +184,13 @@ async fn harness() -> Harness {
     let (old_pics_id, new_pics_id) = (old_pics.seal().0, new_pics.seal().0);
     let root1 = Tree {
         entries: vec![
-            dir("docs", docs_id),
+            folder("docs", docs_id),
             file("gone.txt", b"bye"),
-            dir("pics", old_pics_id),
+            folder("pics", old_pics_id),
         ],
     };
     let root2 = Tree {
-        entries: vec![dir("docs", docs_id), dir("pics", new_pics_id)],
+        entries: vec![folder("docs", docs_id), folder("pics", new_pics_id)],
     };
     let ids = store_trees(
         &catalog,
@@ -983,7 +983,11 @@ async fn the_devices_page_filters_sorts_and_pages() {
         };
         let rest = &a.body[at + "id=\"next-page\" href=\"/devices?".len()..];
         let query = &rest[..rest.find('"').unwrap()];
-        next = format!("/devices/rows?{}", query.replace("&amp;", "&"));
+        // As a browser reads the attribute: HTML entities for `&` decoded.
+        next = format!(
+            "/devices/rows?{}",
+            query.replace("&#38;", "&").replace("&amp;", "&")
+        );
     }
     assert_eq!(seen, (0..7).collect::<Vec<_>>());
     // Filters: the never-synced lab devices, none protected.

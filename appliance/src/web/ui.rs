@@ -647,7 +647,6 @@ struct TreePage {
     l: Layout,
     device_id: String,
     hostname: String,
-    snapshot: String,
     created: String,
     crumbs: Vec<Crumb>,
     rows: Vec<TreeRow>,
@@ -726,7 +725,6 @@ async fn view_tree_get(
         l: Layout::of(&a, &format!("{} · {}", d.hostname, s.created), "devices"),
         device_id: d.id.clone(),
         hostname: d.hostname.clone(),
-        snapshot: s.id.clone(),
         created: s.created.clone(),
         crumbs,
         rows,
@@ -885,7 +883,6 @@ async fn view_event_get(
 pub struct UserRow {
     pub name: String,
     pub role: &'static str,
-    pub role_label: &'static str,
     pub disabled: bool,
     pub must_change: bool,
     pub created: String,
@@ -947,7 +944,6 @@ async fn users_page(
             .map(|u| UserRow {
                 name: u.name.clone(),
                 role: u.role.name(),
-                role_label: u.role.label(),
                 disabled: u.disabled,
                 must_change: u.must_change,
                 created: u.created.clone(),
