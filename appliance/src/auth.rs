@@ -141,7 +141,10 @@ pub enum Permission {
 pub fn check_user_name(name: &str) -> Result<(), AuthError> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@'));
@@ -246,7 +249,10 @@ pub fn verify_password(password: &str, stored: &str) -> bool {
         return false;
     };
     let mut out = vec![0u8; hash.len()];
-    if hash.is_empty() || argon.hash_password_into(password.as_bytes(), &salt, &mut out).is_err()
+    if hash.is_empty()
+        || argon
+            .hash_password_into(password.as_bytes(), &salt, &mut out)
+            .is_err()
     {
         return false;
     }
@@ -316,7 +322,10 @@ pub fn session_secret(headers: &HeaderMap) -> Option<String> {
 
 /// The API token from `Authorization: Bearer ...`.
 pub fn bearer_token(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
@@ -337,8 +346,7 @@ impl LoginLimiter {
         let map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         let (count, since) = map.get(&name.to_lowercase())?;
         let elapsed = since.elapsed();
-        (*count >= LOGIN_FAILURES_ALLOWED && elapsed < LOGIN_WINDOW)
-            .then(|| LOGIN_WINDOW - elapsed)
+        (*count >= LOGIN_FAILURES_ALLOWED && elapsed < LOGIN_WINDOW).then(|| LOGIN_WINDOW - elapsed)
     }
 
     pub fn failed(&self, name: &str) {
@@ -417,8 +425,16 @@ mod tests {
         assert!(!verify_password("correct horse batterY", &h));
         assert_ne!(h, hash_password("correct horse battery").unwrap(), "salted");
         let bad_params = h.replace("p=1", "q=1");
-        for broken in ["", "argon2id$v=19$m=8,t=1,p=1$zz$00", "plain", bad_params.as_str()] {
-            assert!(!verify_password("correct horse battery", broken), "{broken}");
+        for broken in [
+            "",
+            "argon2id$v=19$m=8,t=1,p=1$zz$00",
+            "plain",
+            bad_params.as_str(),
+        ] {
+            assert!(
+                !verify_password("correct horse battery", broken),
+                "{broken}"
+            );
         }
         assert!(matches!(
             hash_password("short"),
@@ -447,7 +463,9 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(
             "cookie",
-            format!("other=1; {SESSION_COOKIE}=abc; x=y").parse().unwrap(),
+            format!("other=1; {SESSION_COOKIE}=abc; x=y")
+                .parse()
+                .unwrap(),
         );
         assert_eq!(session_secret(&h).as_deref(), Some("abc"));
         h.insert("authorization", "Bearer  tok ".parse().unwrap());

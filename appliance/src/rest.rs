@@ -254,7 +254,13 @@ async fn device_owner(
 ) -> ApiResult {
     let b = body(b)?;
     let d = op(ops::device(s.catalog(), &a.user, &id).await)?;
-    op(ops::set_owner(s.catalog(), &a.actor(), &d, b.owner.as_deref().unwrap_or("")).await)?;
+    op(ops::set_owner(
+        s.catalog(),
+        &a.actor(),
+        &d,
+        b.owner.as_deref().unwrap_or(""),
+    )
+    .await)?;
     let d = op(ops::device(s.catalog(), &a.user, &id).await)?;
     ok(json!(device_json(&d)))
 }
@@ -384,10 +390,18 @@ async fn user_update(
     let b = body(b)?;
     let mut user = None;
     if let Some(role) = &b.role {
-        user = Some(op(ops::set_role(s.catalog(), &a.actor(), &name, role).await)?);
+        user = Some(op(
+            ops::set_role(s.catalog(), &a.actor(), &name, role).await
+        )?);
     }
     if let Some(disabled) = b.disabled {
-        user = Some(op(ops::set_disabled(s.catalog(), &a.actor(), &name, disabled).await)?);
+        user = Some(op(ops::set_disabled(
+            s.catalog(),
+            &a.actor(),
+            &name,
+            disabled,
+        )
+        .await)?);
     }
     let user = match user {
         Some(u) => u,

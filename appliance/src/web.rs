@@ -83,7 +83,10 @@ async fn security_headers(req: Request, next: Next) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
     resp
 }
 
@@ -134,7 +137,8 @@ async fn require_csrf(req: Request, next: Next) -> Response {
     if token.as_deref() != Some(expected.as_str()) {
         return csrf_refused();
     }
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 fn form_urlencoded_field(body: &[u8], name: &str) -> Option<String> {

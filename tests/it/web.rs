@@ -98,19 +98,33 @@ async fn screenshot(c: &Client, name: &str) -> Result<()> {
 }
 
 async fn wait_css(c: &Client, css: &str) -> Result<fantoccini::elements::Element> {
-    c.wait()
+    let found = c
+        .wait()
         .at_most(PATIENCE)
         .for_element(Locator::Css(css))
-        .await
-        .with_context(|| format!("no element {css} on {:?}", c.current_url().await.ok()))
+        .await;
+    match found {
+        Ok(e) => Ok(e),
+        Err(e) => {
+            let url = c.current_url().await.ok();
+            Err(e).with_context(|| format!("no element {css} on {url:?}"))
+        }
+    }
 }
 
 async fn wait_xpath(c: &Client, xpath: &str) -> Result<fantoccini::elements::Element> {
-    c.wait()
+    let found = c
+        .wait()
         .at_most(PATIENCE)
         .for_element(Locator::XPath(xpath))
-        .await
-        .with_context(|| format!("no element {xpath} on {:?}", c.current_url().await.ok()))
+        .await;
+    match found {
+        Ok(e) => Ok(e),
+        Err(e) => {
+            let url = c.current_url().await.ok();
+            Err(e).with_context(|| format!("no element {xpath} on {url:?}"))
+        }
+    }
 }
 
 #[test]
@@ -155,12 +169,18 @@ async fn walk(c: &Client, base: &str, hostname: &str) -> Result<()> {
     wait_css(c, "#sign-in").await?;
     screenshot(c, "login").await?;
     wait_css(c, "#name").await?.send_keys("admin").await?;
-    wait_css(c, "#password").await?.send_keys("wrong password").await?;
+    wait_css(c, "#password")
+        .await?
+        .send_keys("wrong password")
+        .await?;
     wait_css(c, "#sign-in").await?.click().await?;
     let error = wait_css(c, "#login-error").await?.text().await?;
     assert!(error.contains("Wrong user name or password"), "{error}");
 
-    wait_css(c, "#password").await?.send_keys(ADMIN_PASSWORD).await?;
+    wait_css(c, "#password")
+        .await?
+        .send_keys(ADMIN_PASSWORD)
+        .await?;
     wait_css(c, "#sign-in").await?.click().await?;
     // Back where we were going: the devices page.
     wait_css(c, "#q").await?;
@@ -185,7 +205,11 @@ async fn walk(c: &Client, base: &str, hostname: &str) -> Result<()> {
     screenshot(c, "device").await?;
     wait_css(c, "a.browse-link").await?.click().await?;
     wait_css(c, "#tree").await?;
-    wait_xpath(c, "//span[contains(@class, 'entry-name') and text()='photo.jpg']").await?;
+    wait_xpath(
+        c,
+        "//span[contains(@class, 'entry-name') and text()='photo.jpg']",
+    )
+    .await?;
     wait_xpath(c, "//a[contains(@class, 'folder') and text()='docs/']")
         .await?
         .click()
@@ -194,9 +218,16 @@ async fn walk(c: &Client, base: &str, hostname: &str) -> Result<()> {
         .await?
         .click()
         .await?;
-    wait_xpath(c, "//span[contains(@class, 'entry-name') and text()='q3.txt']").await?;
+    wait_xpath(
+        c,
+        "//span[contains(@class, 'entry-name') and text()='q3.txt']",
+    )
+    .await?;
     let crumbs = wait_css(c, "#breadcrumbs").await?.text().await?;
-    assert!(crumbs.contains("docs") && crumbs.contains("reports"), "{crumbs}");
+    assert!(
+        crumbs.contains("docs") && crumbs.contains("reports"),
+        "{crumbs}"
+    );
     screenshot(c, "tree").await?;
 
     // The dashboard counts the device as protected.
@@ -223,7 +254,10 @@ async fn walk(c: &Client, base: &str, hostname: &str) -> Result<()> {
     wait_css(c, "#add-user").await?;
     screenshot(c, "users").await?;
     c.goto(&format!("{base}/enroll-tokens")).await?;
-    wait_xpath(c, "//button[text()='Create token']").await?.click().await?;
+    wait_xpath(c, "//button[text()='Create token']")
+        .await?
+        .click()
+        .await?;
     let token = wait_css(c, "#token").await?.text().await?;
     assert!(!token.trim().is_empty());
     screenshot(c, "enroll-tokens").await?;

@@ -1116,7 +1116,8 @@ impl Catalog for SqliteCatalog {
         user: &str,
         label: &str,
     ) -> Result<ApiTokenRecord> {
-        self.accounts_create_api_token(secret_hash, user, label).await
+        self.accounts_create_api_token(secret_hash, user, label)
+            .await
     }
 
     async fn api_tokens(&self) -> Result<Vec<ApiTokenRecord>> {

@@ -66,14 +66,9 @@ async fn add(args: AddArgs) -> anyhow::Result<()> {
         None
     };
     let catalog = open(&args.data_dir).await?;
-    let result = crate::web::ops::create_user(
-        &catalog,
-        "cli",
-        &args.name,
-        &args.role,
-        password.as_deref(),
-    )
-    .await;
+    let result =
+        crate::web::ops::create_user(&catalog, "cli", &args.name, &args.role, password.as_deref())
+            .await;
     catalog.close().await;
     let (user, generated) = result.map_err(|e| anyhow::anyhow!("cannot add the user: {e}"))?;
     match generated {

@@ -38,7 +38,9 @@ pub enum OpError {
     Browse(#[from] BrowseError),
     #[error(transparent)]
     Auth(#[from] AuthError),
-    #[error("the appliance failed while {0}; retry later, and tell its administrator if it persists")]
+    #[error(
+        "the appliance failed while {0}; retry later, and tell its administrator if it persists"
+    )]
     Internal(String),
 }
 
@@ -336,7 +338,10 @@ pub async fn events(catalog: &dyn Catalog, params: &EventParams) -> OpResult<Eve
         kind_prefix: Some(params.kind.trim().to_owned()).filter(|k| !k.is_empty()),
         min_severity,
     };
-    let limit = params.limit.unwrap_or(EVENTS_PER_PAGE).clamp(1, MAX_PER_PAGE);
+    let limit = params
+        .limit
+        .unwrap_or(EVENTS_PER_PAGE)
+        .clamp(1, MAX_PER_PAGE);
     let events = catalog.events_page(&filter, params.before, limit).await?;
     let older = (events.len() == limit as usize)
         .then(|| events.last().map(|e| e.seq))
@@ -448,7 +453,11 @@ pub async fn set_role(
         catalog,
         actor,
         "user.role_changed",
-        format!("role of {name} changed from {} to {}", current.role.name(), role.name()),
+        format!(
+            "role of {name} changed from {} to {}",
+            current.role.name(),
+            role.name()
+        ),
     )
     .await;
     Ok(user)
@@ -530,7 +539,10 @@ pub async fn change_own_password(
             "the new password and its confirmation differ: type the same password twice".into(),
         ));
     }
-    if auth::authenticate(catalog, &user.name, current).await?.is_none() {
+    if auth::authenticate(catalog, &user.name, current)
+        .await?
+        .is_none()
+    {
         return Err(OpError::Invalid(
             "the current password is wrong: nothing was changed".into(),
         ));
@@ -623,7 +635,8 @@ pub async fn create_enroll_token(
             "uses must be between 1 and 100000 devices".into(),
         ));
     }
-    let expires = crate::commands::enroll_token::parse_duration(expires).map_err(OpError::Invalid)?;
+    let expires =
+        crate::commands::enroll_token::parse_duration(expires).map_err(OpError::Invalid)?;
     let (token, expires_at) =
         crate::commands::enroll_token::create(catalog, ca_cert_der, uses, expires).await?;
     let expires_at = crate::clock::rfc3339_ms(expires_at);

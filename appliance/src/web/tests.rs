@@ -77,7 +77,13 @@ async fn store_trees(catalog: &Arc<dyn Catalog>, store: &PackStore, trees: &[&Tr
     let mut ids = Vec::new();
     for t in trees {
         let (id, bytes) = t.seal();
-        b.add_stored(id, BlobKind::Tree, Compression::None, &bytes, bytes.len() as u32);
+        b.add_stored(
+            id,
+            BlobKind::Tree,
+            Compression::None,
+            &bytes,
+            bytes.len() as u32,
+        );
         ids.push(id);
     }
     let (record, entries) = store.store(b.finish()).unwrap();
@@ -260,10 +266,7 @@ impl Harness {
         let mut body = form.to_owned();
         if let Who::As(role) = who {
             let secret = self.session(role);
-            req = req.header(
-                header::COOKIE,
-                format!("{}={secret}", auth::SESSION_COOKIE),
-            );
+            req = req.header(header::COOKIE, format!("{}={secret}", auth::SESSION_COOKIE));
             if csrf && method != "GET" {
                 if !body.is_empty() {
                     body.push('&');
@@ -338,8 +341,20 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
     let ui: Vec<(&str, String, String, &[Role], StatusCode)> = vec![
         ("GET", "/".into(), "".into(), STAFF, StatusCode::OK),
         ("GET", "/devices".into(), "".into(), STAFF, StatusCode::OK),
-        ("GET", "/devices/rows?q=ann".into(), "".into(), STAFF, StatusCode::OK),
-        ("GET", format!("/devices/{own}"), "".into(), STAFF, StatusCode::OK),
+        (
+            "GET",
+            "/devices/rows?q=ann".into(),
+            "".into(),
+            STAFF,
+            StatusCode::OK,
+        ),
+        (
+            "GET",
+            format!("/devices/{own}"),
+            "".into(),
+            STAFF,
+            StatusCode::OK,
+        ),
         (
             "GET",
             format!("/devices/{own}/snapshots/{s1}/tree?path=%2Fdocs"),
@@ -355,7 +370,13 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
             StatusCode::OK,
         ),
         ("GET", "/events".into(), "".into(), STAFF, StatusCode::OK),
-        ("GET", "/events/verify".into(), "".into(), STAFF, StatusCode::OK),
+        (
+            "GET",
+            "/events/verify".into(),
+            "".into(),
+            STAFF,
+            StatusCode::OK,
+        ),
         ("GET", "/events/1".into(), "".into(), STAFF, StatusCode::OK),
         ("GET", "/users".into(), "".into(), ADMIN, StatusCode::OK),
         (
@@ -372,9 +393,27 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
             ADMIN,
             StatusCode::OK,
         ),
-        ("POST", "/users/target/disable".into(), "".into(), ADMIN, StatusCode::OK),
-        ("POST", "/users/target/enable".into(), "".into(), ADMIN, StatusCode::OK),
-        ("POST", "/users/target/password".into(), "".into(), ADMIN, StatusCode::OK),
+        (
+            "POST",
+            "/users/target/disable".into(),
+            "".into(),
+            ADMIN,
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            "/users/target/enable".into(),
+            "".into(),
+            ADMIN,
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            "/users/target/password".into(),
+            "".into(),
+            ADMIN,
+            StatusCode::OK,
+        ),
         (
             "POST",
             "/users/target/api-tokens".into(),
@@ -396,7 +435,13 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
             ADMIN,
             StatusCode::SEE_OTHER,
         ),
-        ("GET", "/enroll-tokens".into(), "".into(), ADMIN, StatusCode::OK),
+        (
+            "GET",
+            "/enroll-tokens".into(),
+            "".into(),
+            ADMIN,
+            StatusCode::OK,
+        ),
         (
             "POST",
             "/enroll-tokens".into(),
@@ -424,7 +469,8 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
                 Who::As(_) => StatusCode::FORBIDDEN,
             };
             assert_eq!(
-                a.status, want,
+                a.status,
+                want,
                 "UI {method} {path} as {who:?}: {}",
                 a.body.chars().take(300).collect::<String>()
             );
@@ -444,9 +490,21 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
             ANY,
             StatusCode::BAD_REQUEST,
         ),
-        ("GET", "/api/v1/dashboard".into(), None, STAFF, StatusCode::OK),
+        (
+            "GET",
+            "/api/v1/dashboard".into(),
+            None,
+            STAFF,
+            StatusCode::OK,
+        ),
         ("GET", "/api/v1/devices".into(), None, ANY, StatusCode::OK),
-        ("GET", format!("/api/v1/devices/{own}"), None, ANY, StatusCode::OK),
+        (
+            "GET",
+            format!("/api/v1/devices/{own}"),
+            None,
+            ANY,
+            StatusCode::OK,
+        ),
         (
             "GET",
             format!("/api/v1/devices/{own}/snapshots"),
@@ -476,8 +534,20 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
             StatusCode::OK,
         ),
         ("GET", "/api/v1/events".into(), None, STAFF, StatusCode::OK),
-        ("GET", "/api/v1/events/verify".into(), None, STAFF, StatusCode::OK),
-        ("GET", "/api/v1/events/1".into(), None, STAFF, StatusCode::OK),
+        (
+            "GET",
+            "/api/v1/events/verify".into(),
+            None,
+            STAFF,
+            StatusCode::OK,
+        ),
+        (
+            "GET",
+            "/api/v1/events/1".into(),
+            None,
+            STAFF,
+            StatusCode::OK,
+        ),
         ("GET", "/api/v1/users".into(), None, ADMIN, StatusCode::OK),
         (
             "POST",
@@ -500,7 +570,13 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
             ADMIN,
             StatusCode::OK,
         ),
-        ("GET", "/api/v1/api-tokens".into(), None, ADMIN, StatusCode::OK),
+        (
+            "GET",
+            "/api/v1/api-tokens".into(),
+            None,
+            ADMIN,
+            StatusCode::OK,
+        ),
         (
             "POST",
             "/api/v1/api-tokens".into(),
@@ -515,7 +591,13 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
             ADMIN,
             StatusCode::NO_CONTENT,
         ),
-        ("GET", "/api/v1/enroll-tokens".into(), None, ADMIN, StatusCode::OK),
+        (
+            "GET",
+            "/api/v1/enroll-tokens".into(),
+            None,
+            ADMIN,
+            StatusCode::OK,
+        ),
         (
             "POST",
             "/api/v1/enroll-tokens".into(),
@@ -558,7 +640,10 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
         super::assets::url(&super::assets::ASSETS.css),
     ] {
         for who in EVERYONE {
-            assert_eq!(h.ui(who, "GET", &path, "", false).await.status, StatusCode::OK);
+            assert_eq!(
+                h.ui(who, "GET", &path, "", false).await.status,
+                StatusCode::OK
+            );
         }
     }
 }
@@ -618,7 +703,9 @@ async fn an_end_user_reaches_only_their_own_devices() {
     }
     // Listing and searching show only their own.
     for q in ["", "?q=bob", "?state=protected", "?sort=created&dir=desc"] {
-        let a = h.api(end, "GET", &format!("/api/v1/devices{q}"), None).await;
+        let a = h
+            .api(end, "GET", &format!("/api/v1/devices{q}"), None)
+            .await;
         let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
         let ids: Vec<&str> = v["devices"]
             .as_array()
@@ -649,7 +736,13 @@ async fn changing_requests_need_the_csrf_token_and_the_right_credentials() {
     assert_eq!(a.status, StatusCode::FORBIDDEN);
     let other = auth::csrf_token(h.session(Role::Helpdesk));
     let a = h
-        .ui(admin, "POST", "/users", &format!("{form}&csrf={other}"), false)
+        .ui(
+            admin,
+            "POST",
+            "/users",
+            &format!("{form}&csrf={other}"),
+            false,
+        )
         .await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
     let req = Request::builder()
@@ -657,7 +750,11 @@ async fn changing_requests_need_the_csrf_token_and_the_right_credentials() {
         .uri("/users")
         .header(
             header::COOKIE,
-            format!("{}={}", auth::SESSION_COOKIE, h.session(Role::Administrator)),
+            format!(
+                "{}={}",
+                auth::SESSION_COOKIE,
+                h.session(Role::Administrator)
+            ),
         )
         .header(auth::CSRF_HEADER, "wrong")
         .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
@@ -671,7 +768,11 @@ async fn changing_requests_need_the_csrf_token_and_the_right_credentials() {
         .uri("/users")
         .header(
             header::COOKIE,
-            format!("{}={}", auth::SESSION_COOKIE, h.session(Role::Administrator)),
+            format!(
+                "{}={}",
+                auth::SESSION_COOKIE,
+                h.session(Role::Administrator)
+            ),
         )
         .header(
             auth::CSRF_HEADER,
@@ -688,7 +789,11 @@ async fn changing_requests_need_the_csrf_token_and_the_right_credentials() {
         .uri("/api/v1/users")
         .header(
             header::COOKIE,
-            format!("{}={}", auth::SESSION_COOKIE, h.session(Role::Administrator)),
+            format!(
+                "{}={}",
+                auth::SESSION_COOKIE,
+                h.session(Role::Administrator)
+            ),
         )
         .body(Body::empty())
         .unwrap();
@@ -717,20 +822,28 @@ async fn changing_requests_need_the_csrf_token_and_the_right_credentials() {
 #[tokio::test]
 async fn login_logout_rate_limit_and_disabled_users() {
     let h = harness().await;
-    let login = |name: &str, password: &str| {
-        format!(
-            "name={name}&password={}",
-            password.replace(' ', "+")
-        )
-    };
+    let login =
+        |name: &str, password: &str| format!("name={name}&password={}", password.replace(' ', "+"));
     let a = h
-        .ui(Who::Anonymous, "POST", "/login", &login("help", "a long enough password"), false)
+        .ui(
+            Who::Anonymous,
+            "POST",
+            "/login",
+            &login("help", "a long enough password"),
+            false,
+        )
         .await;
     assert_eq!(a.status, StatusCode::SEE_OTHER);
     assert_eq!(a.location, "/");
     // An end user lands on their account page, not the staff dashboard.
     let a = h
-        .ui(Who::Anonymous, "POST", "/login", &login("ann", "a long enough password"), false)
+        .ui(
+            Who::Anonymous,
+            "POST",
+            "/login",
+            &login("ann", "a long enough password"),
+            false,
+        )
         .await;
     assert_eq!(a.location, "/account");
     // Only local paths are followed after login.
@@ -739,7 +852,10 @@ async fn login_logout_rate_limit_and_disabled_users() {
             Who::Anonymous,
             "POST",
             "/login",
-            &format!("{}&next=%2F%2Fevil.example", login("help", "a long enough password")),
+            &format!(
+                "{}&next=%2F%2Fevil.example",
+                login("help", "a long enough password")
+            ),
             false,
         )
         .await;
@@ -747,25 +863,49 @@ async fn login_logout_rate_limit_and_disabled_users() {
 
     for _ in 0..auth::LOGIN_FAILURES_ALLOWED {
         let a = h
-            .ui(Who::Anonymous, "POST", "/login", &login("root", "not the password"), false)
+            .ui(
+                Who::Anonymous,
+                "POST",
+                "/login",
+                &login("root", "not the password"),
+                false,
+            )
             .await;
         assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     }
     // Now even the right password waits.
     let a = h
-        .ui(Who::Anonymous, "POST", "/login", &login("root", "a long enough password"), false)
+        .ui(
+            Who::Anonymous,
+            "POST",
+            "/login",
+            &login("root", "a long enough password"),
+            false,
+        )
         .await;
     assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.body);
     // Other names are not affected.
     let a = h
-        .ui(Who::Anonymous, "POST", "/login", &login("imaging", "a long enough password"), false)
+        .ui(
+            Who::Anonymous,
+            "POST",
+            "/login",
+            &login("imaging", "a long enough password"),
+            false,
+        )
         .await;
     assert_eq!(a.status, StatusCode::SEE_OTHER);
 
     // Logout ends the session.
     let help = Who::As(Role::Helpdesk);
-    assert_eq!(h.ui(help, "GET", "/devices", "", false).await.status, StatusCode::OK);
-    assert_eq!(h.ui(help, "POST", "/logout", "", true).await.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        h.ui(help, "GET", "/devices", "", false).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.ui(help, "POST", "/logout", "", true).await.status,
+        StatusCode::SEE_OTHER
+    );
     assert_eq!(
         h.ui(help, "GET", "/devices", "", false).await.status,
         StatusCode::SEE_OTHER
@@ -776,7 +916,10 @@ async fn login_logout_rate_limit_and_disabled_users() {
     ops::set_disabled(h.catalog.as_ref(), "test", "protection", true)
         .await
         .unwrap();
-    assert_eq!(h.ui(prot, "GET", "/", "", false).await.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        h.ui(prot, "GET", "/", "", false).await.status,
+        StatusCode::SEE_OTHER
+    );
     assert_eq!(
         h.api(prot, "GET", "/api/v1/me", None).await.status,
         StatusCode::UNAUTHORIZED
@@ -826,7 +969,10 @@ async fn a_generated_password_must_be_changed_first() {
             .unwrap()
     };
     let a = h.send(req("/devices")).await;
-    assert_eq!((a.status, a.location.as_str()), (StatusCode::SEE_OTHER, "/account?must_change=1"));
+    assert_eq!(
+        (a.status, a.location.as_str()),
+        (StatusCode::SEE_OTHER, "/account?must_change=1")
+    );
     assert_eq!(h.send(req("/account")).await.status, StatusCode::OK);
     let body = format!(
         "current={generated}&new=my+own+password&confirm=my+own+password&csrf={}",
@@ -941,12 +1087,19 @@ async fn browse_and_diff_read_only_what_changed() {
             false,
         )
         .await;
-    assert!(a.body.contains("a.txt") && a.body.contains("b.txt"), "{}", a.body);
+    assert!(
+        a.body.contains("a.txt") && a.body.contains("b.txt"),
+        "{}",
+        a.body
+    );
     let a = h
         .ui(
             help,
             "GET",
-            &format!("/devices/{}/diff?from={}&to={}", h.own_device, old.id, new.id),
+            &format!(
+                "/devices/{}/diff?from={}&to={}",
+                h.own_device, old.id, new.id
+            ),
             "",
             false,
         )
@@ -961,9 +1114,7 @@ async fn the_devices_page_filters_sorts_and_pages() {
         enrol(&h.catalog, &format!("lab-{i:02}")).await;
     }
     let help = Who::As(Role::Helpdesk);
-    let a = h
-        .ui(help, "GET", "/devices?q=lab&limit=3", "", false)
-        .await;
+    let a = h.ui(help, "GET", "/devices?q=lab&limit=3", "", false).await;
     assert_eq!(a.status, StatusCode::OK);
     assert!(a.body.contains("lab-00") && a.body.contains("lab-02") && !a.body.contains("lab-03"));
     assert!(!a.body.contains("ann-laptop"));
@@ -972,7 +1123,11 @@ async fn the_devices_page_filters_sorts_and_pages() {
     let mut next = "/devices/rows?q=lab&limit=3".to_owned();
     loop {
         let a = h.ui(help, "GET", &next, "", false).await;
-        assert!(a.body.trim_start().starts_with("<tbody"), "a fragment: {}", a.body);
+        assert!(
+            a.body.trim_start().starts_with("<tbody"),
+            "a fragment: {}",
+            a.body
+        );
         for i in 0..7 {
             if a.body.contains(&format!(">lab-{i:02}<")) {
                 seen.push(i);
@@ -992,7 +1147,13 @@ async fn the_devices_page_filters_sorts_and_pages() {
     assert_eq!(seen, (0..7).collect::<Vec<_>>());
     // Filters: the never-synced lab devices, none protected.
     let a = h
-        .ui(help, "GET", "/devices/rows?q=lab&state=protected", "", false)
+        .ui(
+            help,
+            "GET",
+            "/devices/rows?q=lab&state=protected",
+            "",
+            false,
+        )
         .await;
     assert!(a.body.contains("No device matches"), "{}", a.body);
     let a = h

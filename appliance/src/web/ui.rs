@@ -229,8 +229,10 @@ async fn view_login_post(State(state): State<WebState>, Form(f): Form<LoginForm>
                 wait.as_secs().div_ceil(60)
             ),
         );
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs().max(1)));
+        resp.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(wait.as_secs().max(1)),
+        );
         return resp;
     }
     let user = match auth::authenticate(state.catalog(), &name, &f.password).await {
@@ -244,7 +246,10 @@ async fn view_login_post(State(state): State<WebState>, Form(f): Form<LoginForm>
             crate::events::NewEvent::system(
                 "user.login_failed",
                 crate::events::Severity::Warning,
-                format!("failed sign-in as {:?}", name.chars().take(64).collect::<String>()),
+                format!(
+                    "failed sign-in as {:?}",
+                    name.chars().take(64).collect::<String>()
+                ),
             ),
         )
         .await;
@@ -460,12 +465,7 @@ async fn device_rows(
     let since = ops::protected_since();
     let next = page
         .next
-        .map(|after| {
-            query_string(&DeviceParams {
-                after,
-                ..p.clone()
-            })
-        })
+        .map(|after| query_string(&DeviceParams { after, ..p.clone() }))
         .unwrap_or_default();
     let first = if p.after.is_empty() {
         String::new()
@@ -980,7 +980,15 @@ async fn users_outcome(
 }
 
 async fn view_users_get(State(state): State<WebState>, a: Auth<Administer>) -> Response {
-    users_page(&state, &a, StatusCode::OK, String::new(), String::new(), None).await
+    users_page(
+        &state,
+        &a,
+        StatusCode::OK,
+        String::new(),
+        String::new(),
+        None,
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -1071,12 +1079,7 @@ async fn view_user_password_post(
         .map(|p| {
             (
                 format!("Password of {name} reset; their sessions ended."),
-                p.map(|p| {
-                    (
-                        format!("New one-time password for {name} (shown once)"),
-                        p,
-                    )
-                }),
+                p.map(|p| (format!("New one-time password for {name} (shown once)"), p)),
             )
         });
     users_outcome(&state, &a, outcome).await
@@ -1150,11 +1153,7 @@ async fn enroll_tokens_page(
     token: String,
     token_note: String,
 ) -> Response {
-    let tokens = match state
-        .catalog()
-        .enroll_tokens(crate::clock::now_ms())
-        .await
-    {
+    let tokens = match state.catalog().enroll_tokens(crate::clock::now_ms()).await {
         Ok(t) => t,
         Err(e) => return OpError::from(e).into_page(),
     };
@@ -1275,9 +1274,7 @@ async fn view_account_password_post(
     a: Auth<SignedIn>,
     Form(f): Form<PasswordForm>,
 ) -> Response {
-    match ops::change_own_password(state.catalog(), &a.user, &f.current, &f.new, &f.confirm)
-        .await
-    {
+    match ops::change_own_password(state.catalog(), &a.user, &f.current, &f.new, &f.confirm).await {
         // The change ended every session of the user (a stolen one too); this browser
         // gets a fresh one.
         Ok(()) => start_session(&state, &a.user, "/account?ok=password").await,

@@ -37,7 +37,9 @@ fn user_from_row(row: &SqliteRow) -> Result<User> {
 
 fn device_from_row(row: &SqliteRow) -> Result<DeviceSummary> {
     let revoked: i64 = row.try_get("revoked").map_err(q("reading a row"))?;
-    let last: String = row.try_get("last_snapshot_at").map_err(q("reading a row"))?;
+    let last: String = row
+        .try_get("last_snapshot_at")
+        .map_err(q("reading a row"))?;
     Ok(DeviceSummary {
         id: row.try_get("id").map_err(q("reading a row"))?,
         hostname: row.try_get("hostname").map_err(q("reading a row"))?,
@@ -140,8 +142,7 @@ impl SqliteCatalog {
     ) -> Result<User> {
         const DOING: &str = "changing a user";
         let mut tx = self.write_tx(DOING).await?;
-        let mut query: QueryBuilder<Sqlite> =
-            QueryBuilder::new("UPDATE users SET name = name");
+        let mut query: QueryBuilder<Sqlite> = QueryBuilder::new("UPDATE users SET name = name");
         if let Some(role) = change.role {
             query.push(", role = ").push_bind(role.name());
         }
@@ -502,7 +503,11 @@ mod tests {
                 let mut unique = seen.clone();
                 unique.sort();
                 unique.dedup();
-                assert_eq!((seen.len(), unique.len()), (25, 25), "{sort:?} {descending}");
+                assert_eq!(
+                    (seen.len(), unique.len()),
+                    (25, 25),
+                    "{sort:?} {descending}"
+                );
             }
         }
         let found = cat
@@ -513,7 +518,11 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(found.len(), 4, "pc-3 is every 7th of 25, found case-insensitively");
+        assert_eq!(
+            found.len(),
+            4,
+            "pc-3 is every 7th of 25, found case-insensitively"
+        );
         let owned = cat
             .devices_page(&DeviceQuery {
                 owner: Some("ann".into()),
@@ -554,7 +563,10 @@ mod tests {
             (Some("2026-11-26T00:00:00.000Z"), 1234)
         );
         let stats = cat.fleet_stats("2026-11-25T00:00:00.000Z").await.unwrap();
-        assert_eq!((stats.devices, stats.protected, stats.logical_bytes), (25, 1, 1234));
+        assert_eq!(
+            (stats.devices, stats.protected, stats.logical_bytes),
+            (25, 1, 1234)
+        );
         assert_eq!(cat.delete_snapshots(&["s1".into()]).await.unwrap(), 1);
         let d = cat.device_summary(&snap.device_id).await.unwrap().unwrap();
         assert_eq!(d.last_snapshot, None);
@@ -579,13 +591,25 @@ mod tests {
         ));
         let secret = Id::of(b"session");
         cat.create_session(secret, "ann", 100, 200).await.unwrap();
-        assert_eq!(cat.session_user(secret, 150).await.unwrap(), Some(user.clone()));
-        assert_eq!(cat.session_user(secret, 200).await.unwrap(), None, "expired");
+        assert_eq!(
+            cat.session_user(secret, 150).await.unwrap(),
+            Some(user.clone())
+        );
+        assert_eq!(
+            cat.session_user(secret, 200).await.unwrap(),
+            None,
+            "expired"
+        );
         let token = cat
             .create_api_token(Id::of(b"token"), "ann", "ci")
             .await
             .unwrap();
-        assert!(cat.api_token_user(Id::of(b"token")).await.unwrap().is_some());
+        assert!(
+            cat.api_token_user(Id::of(b"token"))
+                .await
+                .unwrap()
+                .is_some()
+        );
         assert!(matches!(
             cat.create_api_token(Id::of(b"t2"), "nobody", "x").await,
             Err(CatalogError::UserUnknown(_))
@@ -603,7 +627,12 @@ mod tests {
             .await
             .unwrap();
         assert!(changed.disabled && changed.role == Role::Administrator);
-        assert!(cat.api_token_user(Id::of(b"token")).await.unwrap().is_none());
+        assert!(
+            cat.api_token_user(Id::of(b"token"))
+                .await
+                .unwrap()
+                .is_none()
+        );
         cat.update_user(
             "ann",
             &UserChange {
@@ -614,9 +643,19 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(cat.session_user(secret, 150).await.unwrap(), None);
-        assert!(cat.api_token_user(Id::of(b"token")).await.unwrap().is_some());
+        assert!(
+            cat.api_token_user(Id::of(b"token"))
+                .await
+                .unwrap()
+                .is_some()
+        );
         assert!(cat.revoke_api_token(token.id).await.unwrap());
-        assert!(cat.api_token_user(Id::of(b"token")).await.unwrap().is_none());
+        assert!(
+            cat.api_token_user(Id::of(b"token"))
+                .await
+                .unwrap()
+                .is_none()
+        );
         assert!(matches!(
             cat.update_user("nobody", &UserChange::default()).await,
             Err(CatalogError::UserUnknown(_))
