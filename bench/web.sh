@@ -5,7 +5,8 @@
 # HTTPS. Prints one table; "server" is the time from the end of the TLS handshake to the
 # first byte of the answer, which is what the appliance spends (query + render).
 #
-#   bench/web.sh [WORKDIR]        (default bench/out-web; DEVICES=N RUNS=N; PROFILE=release)
+#   bench/web.sh [WORKDIR]   (default bench/out-web; DEVICES=N RUNS=N; PROFILE=release,
+#                             or MORGANA_BIN=path to use a built binary)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -14,12 +15,15 @@ DEVICES=${DEVICES:-10000}
 RUNS=${RUNS:-30}
 PROFILE=${PROFILE:-debug}
 
-if [ "$PROFILE" = release ]; then
+if [ -n "${MORGANA_BIN:-}" ]; then
+    BIN=$MORGANA_BIN
+elif [ "$PROFILE" = release ]; then
     cargo build --release -q -p morgana
+    BIN=$REPO/target/release/morgana
 else
     cargo build -q -p morgana
+    BIN=$REPO/target/debug/morgana
 fi
-BIN=$REPO/target/$PROFILE/morgana
 rm -rf "$WORK"; mkdir -p "$WORK"
 DATA=$WORK/data
 PASSWORD="bench password 123"
