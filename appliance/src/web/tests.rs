@@ -330,6 +330,17 @@ const STAFF: &[Role] = &[
 const ADMIN: &[Role] = &[Role::Administrator];
 const ANY: &[Role] = &Role::ALL;
 
+/// Method, path, form body, who may, status when allowed.
+type UiCase = (&'static str, String, String, &'static [Role], StatusCode);
+/// Method, path, JSON body, who may, status when allowed.
+type ApiCase = (
+    &'static str,
+    String,
+    Option<String>,
+    &'static [Role],
+    StatusCode,
+);
+
 #[tokio::test]
 async fn every_route_answers_each_role_exactly_as_the_roles_say() {
     let h = harness().await;
@@ -338,7 +349,7 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
     let spare = h.spare_token_id;
 
     // (method, path, form body, who may, status when allowed)
-    let ui: Vec<(&str, String, String, &[Role], StatusCode)> = vec![
+    let ui: Vec<UiCase> = vec![
         ("GET", "/".into(), "".into(), STAFF, StatusCode::OK),
         ("GET", "/devices".into(), "".into(), STAFF, StatusCode::OK),
         (
@@ -481,7 +492,7 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
         }
     }
 
-    let api: Vec<(&str, String, Option<String>, &[Role], StatusCode)> = vec![
+    let api: Vec<ApiCase> = vec![
         ("GET", "/api/v1/me".into(), None, ANY, StatusCode::OK),
         (
             "PUT",
