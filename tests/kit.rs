@@ -76,13 +76,32 @@ impl Appliance {
     }
 
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> Result<Appliance> {
-        Self::start_on(data_dir, "127.0.0.1:0", extra)
+        Self::start_full(data_dir, "127.0.0.1:0", extra, &[])
     }
 
     /// Starts on a given address, e.g. again on the port an earlier run used.
     pub fn start_on(data_dir: &Path, listen: &str, extra: &[&str]) -> Result<Appliance> {
+        Self::start_full(data_dir, listen, extra, &[])
+    }
+
+    /// Started with extra flags and environment variables (e.g. `MORGANA_ADMIN_PASSWORD`).
+    pub fn start_with_env(
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Appliance> {
+        Self::start_full(data_dir, "127.0.0.1:0", extra, env)
+    }
+
+    fn start_full(
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Appliance> {
         let mut child = morgana()
             .arg("serve")
+            .envs(env.iter().copied())
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", listen])

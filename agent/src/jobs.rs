@@ -22,8 +22,6 @@ use crate::restore::{self, Keep, Progress, Request, Stats};
 use crate::state::{State, SyncLock};
 use crate::sync::{self, sync_locked};
 
-/// Where the policy the agent holds is kept in its state directory (`AgentPolicy` JSON).
-
 /// The policy this agent holds, if any; `None` means the built-in defaults (factory
 /// unprotected rules, `%home%` as the user area, the default schedule). The one place that
 /// knows where the policy lives.
@@ -346,6 +344,7 @@ fn summary(s: &Stats) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::POLICY_FILE;
 
     #[test]
     fn paths_become_tree_names() {

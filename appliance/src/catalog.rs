@@ -7,6 +7,7 @@
 //! slices of ids and implementations batch them; listings are pages keyed by the last item
 //! seen, so a caller walking everything holds one page at a time.
 
+pub mod accounts;
 pub mod sqlite;
 
 use std::path::PathBuf;
@@ -22,6 +23,10 @@ use morgana_core::wire::SnapshotInfo;
 use crate::events::{ChainCheck, Event, EventFilter, NewEvent};
 use crate::policy::{PolicySpec, PolicyVersion};
 
+pub use accounts::{
+    ApiTokenRecord, DeviceQuery, DeviceSort, DeviceState, DeviceSummary, EnrollTokenRecord,
+    FleetStats, User, UserChange,
+};
 pub use sqlite::SqliteCatalog;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +67,10 @@ pub enum CatalogError {
     PolicyUnknown(String),
     #[error("there is no device {0:?} (by id or hostname); nothing was changed")]
     DeviceUnknown(String),
+    #[error("a user named {0:?} exists already: pick another name, or change that user")]
+    UserExists(String),
+    #[error("there is no user named {0:?}: list the users, or add one with `morgana user add`")]
+    UserUnknown(String),
 }
 
 pub type Result<T, E = CatalogError> = std::result::Result<T, E>;
@@ -428,6 +437,66 @@ pub trait Catalog: Send + Sync {
 
     /// Devices that have queued jobs (to wake their waiting polls).
     async fn devices_with_queued_jobs(&self) -> Result<Vec<String>>;
+
+    // ---- Accounts, sessions, API tokens, devices page (issue 4) ----
+
+    async fn user_count(&self) -> Result<u64>;
+
+    /// Fails with `UserExists` and changes nothing if the name is taken.
+    async fn create_user(&self, user: &User) -> Result<()>;
+
+    async fn user(&self, name: &str) -> Result<Option<User>>;
+
+    /// Every user, by name.
+    async fn users(&self) -> Result<Vec<User>>;
+
+    /// Applies `change`; fails with `UserUnknown`. Disabling a user or setting a password
+    /// ends the user's sessions in the same step.
+    async fn update_user(&self, name: &str, change: &UserChange) -> Result<User>;
+
+    async fn create_session(
+        &self,
+        secret_hash: Id,
+        user: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<()>;
+
+    /// The enabled user an unexpired session belongs to.
+    async fn session_user(&self, secret_hash: Id, now_ms: i64) -> Result<Option<User>>;
+
+    async fn delete_session(&self, secret_hash: Id) -> Result<()>;
+
+    /// Stores an API token for `user` by the hash of its secret.
+    async fn create_api_token(
+        &self,
+        secret_hash: Id,
+        user: &str,
+        label: &str,
+    ) -> Result<ApiTokenRecord>;
+
+    /// Every API token, newest first.
+    async fn api_tokens(&self) -> Result<Vec<ApiTokenRecord>>;
+
+    /// Revokes a token; false if there is none with that id.
+    async fn revoke_api_token(&self, id: i64) -> Result<bool>;
+
+    /// The enabled user an unrevoked API token belongs to.
+    async fn api_token_user(&self, secret_hash: Id) -> Result<Option<User>>;
+
+    /// Enrolment tokens not yet expired nor used up, newest first.
+    async fn enroll_tokens(&self, now_ms: i64) -> Result<Vec<EnrollTokenRecord>>;
+
+    /// One page of devices, by an index: cost follows the page, not the fleet.
+    async fn devices_page(&self, query: &DeviceQuery) -> Result<Vec<DeviceSummary>>;
+
+    async fn device_summary(&self, id: &str) -> Result<Option<DeviceSummary>>;
+
+    /// Sets or clears a device's owner; false if there is no such device.
+    async fn set_device_owner(&self, id: &str, owner: Option<&str>) -> Result<bool>;
+
+    /// Fleet-wide figures; `protected_since` is RFC 3339 UTC.
+    async fn fleet_stats(&self, protected_since: &str) -> Result<FleetStats>;
 }
 
 /// A layer version about to be recorded.

@@ -12,3 +12,4 @@ pub mod plugin;
 pub mod policy;
 pub mod serve;
 pub mod snapshot;
+pub mod user;

@@ -2,6 +2,7 @@
 
 mod alerts;
 mod api;
+mod auth;
 mod catalog;
 mod clock;
 mod commands;
@@ -13,10 +14,12 @@ mod jobs;
 mod layers;
 mod policy;
 mod random;
+mod rest;
 mod retention;
 mod snapshot;
 mod store;
 mod tls;
+mod web;
 
 use std::process::ExitCode;
 
@@ -68,6 +71,9 @@ enum Command {
     /// Run the alert checks (stale devices, full volumes) once.
     #[command(subcommand)]
     Alerts(commands::alerts::Command),
+    /// Manage web UI and API accounts: add, list.
+    #[command(subcommand)]
+    User(commands::user::Command),
 }
 
 /// Exit status for failures (as opposed to `check` finding damage, which is 1).
@@ -118,6 +124,7 @@ fn main() -> ExitCode {
             Command::Alerts(cmd) => commands::alerts::run(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Device(cmd) => commands::device::run(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Job(cmd) => commands::job::run(cmd).await,
+            Command::User(cmd) => commands::user::run(cmd).await.map(|()| ExitCode::SUCCESS),
         }
     });
     match result {

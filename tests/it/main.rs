@@ -11,6 +11,7 @@ mod plugins;
 mod policy;
 mod protocol;
 mod resume;
+mod web;
 
 /// rustls needs one process-wide crypto provider before any TLS use in a test helper.
 pub fn init() {

@@ -16,15 +16,17 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Row};
 
 use super::{
-    BlobLocation, Catalog, CatalogError, Device, DeviceProtection, DeviceStatus, Fenced, GcHorizon,
-    HeartbeatRecord, JobRecord, LayerRecord, NewLayer, NewPlugin, OpenAlert, PackRecord, PackUsage,
-    PluginRecord, Result,
+    ApiTokenRecord, BlobLocation, Catalog, CatalogError, Device, DeviceProtection, DeviceQuery,
+    DeviceStatus, DeviceSummary, EnrollTokenRecord, Fenced, FleetStats, GcHorizon, HeartbeatRecord,
+    JobRecord, LayerRecord, NewLayer, NewPlugin, OpenAlert, PackRecord, PackUsage, PluginRecord,
+    Result, User, UserChange,
 };
 use crate::events::{ChainCheck, Event, EventFilter, NewEvent};
 use crate::policy::{PolicySpec, PolicyVersion};
 use morgana_core::control::JobReport;
 use morgana_core::plugin::Hook;
 
+mod accounts;
 mod events;
 mod jobs;
 mod layers;
@@ -1241,6 +1243,89 @@ impl Catalog for SqliteCatalog {
 
     async fn devices_with_queued_jobs(&self) -> Result<Vec<String>> {
         self.jobs_queued_devices().await
+    }
+
+    // ---- Accounts and the web UI (issue 4): the SQL lives in sqlite/accounts.rs ----
+
+    async fn user_count(&self) -> Result<u64> {
+        self.accounts_user_count().await
+    }
+
+    async fn create_user(&self, user: &User) -> Result<()> {
+        self.accounts_create_user(user).await
+    }
+
+    async fn user(&self, name: &str) -> Result<Option<User>> {
+        self.accounts_user(name).await
+    }
+
+    async fn users(&self) -> Result<Vec<User>> {
+        self.accounts_users().await
+    }
+
+    async fn update_user(&self, name: &str, change: &UserChange) -> Result<User> {
+        self.accounts_update_user(name, change).await
+    }
+
+    async fn create_session(
+        &self,
+        secret_hash: Id,
+        user: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<()> {
+        self.accounts_create_session(secret_hash, user, now_ms, expires_at_ms)
+            .await
+    }
+
+    async fn session_user(&self, secret_hash: Id, now_ms: i64) -> Result<Option<User>> {
+        self.accounts_session_user(secret_hash, now_ms).await
+    }
+
+    async fn delete_session(&self, secret_hash: Id) -> Result<()> {
+        self.accounts_delete_session(secret_hash).await
+    }
+
+    async fn create_api_token(
+        &self,
+        secret_hash: Id,
+        user: &str,
+        label: &str,
+    ) -> Result<ApiTokenRecord> {
+        self.accounts_create_api_token(secret_hash, user, label)
+            .await
+    }
+
+    async fn api_tokens(&self) -> Result<Vec<ApiTokenRecord>> {
+        self.accounts_api_tokens().await
+    }
+
+    async fn revoke_api_token(&self, id: i64) -> Result<bool> {
+        self.accounts_revoke_api_token(id).await
+    }
+
+    async fn api_token_user(&self, secret_hash: Id) -> Result<Option<User>> {
+        self.accounts_api_token_user(secret_hash).await
+    }
+
+    async fn enroll_tokens(&self, now_ms: i64) -> Result<Vec<EnrollTokenRecord>> {
+        self.accounts_enroll_tokens(now_ms).await
+    }
+
+    async fn devices_page(&self, query: &DeviceQuery) -> Result<Vec<DeviceSummary>> {
+        self.accounts_devices_page(query).await
+    }
+
+    async fn device_summary(&self, id: &str) -> Result<Option<DeviceSummary>> {
+        self.accounts_device_summary(id).await
+    }
+
+    async fn set_device_owner(&self, id: &str, owner: Option<&str>) -> Result<bool> {
+        self.accounts_set_device_owner(id, owner).await
+    }
+
+    async fn fleet_stats(&self, protected_since: &str) -> Result<FleetStats> {
+        self.accounts_fleet_stats(protected_since).await
     }
 }
 

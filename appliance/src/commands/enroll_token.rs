@@ -26,14 +26,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     data.require_initialised()?;
     let ca = crate::tls::load_ca_cert(&data).context("cannot read the appliance CA")?;
     let catalog = SqliteCatalog::open(&data.catalog(), false).await?;
-    let token = EnrollToken {
-        secret: crate::random::hex(16),
-        ca_pin: EnrollToken::pin_of(&ca),
-    };
-    let expires_ms = i64::try_from(args.expires.as_millis()).unwrap_or(i64::MAX);
-    let expires_at = crate::clock::now_ms().saturating_add(expires_ms);
-    catalog
-        .create_token(token.secret_hash(), args.uses, expires_at)
+    let (token, expires_at) = create(&catalog, &ca, args.uses, args.expires)
         .await
         .context("cannot store the new enrolment token")?;
     tracing::info!(uses = args.uses, expires = %crate::clock::rfc3339_ms(expires_at), "enrolment token created");
@@ -42,3 +35,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 pub use morgana_core::duration::parse_duration;
+
+/// Makes and stores a token for `uses` enrolments within `expires`, pinned to the CA whose
+/// DER is `ca_der`; returns it with its expiry (unix ms). The web UI and API use this too.
+pub async fn create(
+    catalog: &dyn Catalog,
+    ca_der: &[u8],
+    uses: u32,
+    expires: Duration,
+) -> Result<(EnrollToken, i64), crate::catalog::CatalogError> {
+    let token = EnrollToken {
+        secret: crate::random::hex(16),
+        ca_pin: EnrollToken::pin_of(ca_der),
+    };
+    let expires_ms = i64::try_from(expires.as_millis()).unwrap_or(i64::MAX);
+    let expires_at = crate::clock::now_ms().saturating_add(expires_ms);
+    catalog
+        .create_token(token.secret_hash(), uses, expires_at)
+        .await?;
+    Ok((token, expires_at))
+}

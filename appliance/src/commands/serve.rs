@@ -83,6 +83,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let catalog: Arc<dyn Catalog> = Arc::new(catalog);
     crate::commands::plugin::check_active(catalog.as_ref(), &data).await;
     let store = Arc::new(store);
+    let web = crate::web::WebState::new(catalog.clone(), pki.ca_cert_der.to_vec());
+    let first_admin_password = crate::auth::ensure_admin(catalog.as_ref()).await?;
     let state = AppState::new(catalog.clone(), store.clone(), Arc::new(pki))
         .heartbeat_every(args.heartbeat_every);
     api::control::spawn_sweeper(&state);
@@ -119,10 +121,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     {
         // Tests and supervisors read this one line to learn the port.
         let mut out = std::io::stdout().lock();
+        if let Some(password) = first_admin_password {
+            writeln!(
+                out,
+                "morgana administrator created: sign in at https://{addr}/ as `admin` with the \
+                 one-time password {password} (shown only now; you choose your own at first sign-in)"
+            )
+            .context("cannot write to stdout")?;
+        }
         writeln!(out, "morgana listening on https://{addr}").context("cannot write to stdout")?;
         out.flush().context("cannot write to stdout")?;
     }
-    tls::serve(listener, tls_config, api::router(state), shutdown_signal()).await;
+    let app = api::router(state).merge(crate::web::router(web));
+    tls::serve(listener, tls_config, app, shutdown_signal()).await;
     catalog.close().await;
     info!("stopped");
     Ok(())
