@@ -4,7 +4,7 @@ ALTER TABLE devices ADD COLUMN reference INTEGER NOT NULL DEFAULT 0;
 
 -- One version of one layer. `root` is a tree in the blob store like a snapshot's root: the
 -- layer's files for a base layer, the added and changed files for an app layer (whose
--- removed paths are in `deletions`: each a varint length then the path's bytes). Layers are
+-- removed paths are in `deletions`: a varint count, then each path as a varint length and its bytes). Layers are
 -- garbage-collection roots: `seq` only grows, so a collector can tell which layers appeared
 -- after it looked.
 CREATE TABLE layers (

@@ -154,17 +154,18 @@ fn base_and_app_layers_keep_what_the_rules_assign_and_survive_gc() -> Result<()>
     assert_eq!(files, ["/etc/app.conf", "/usr/bin/newapp"], "{app}");
     assert_eq!(strings(&app["deletions"]), ["/usr/lib/libold.so"]);
 
-    // Nothing changed in the layer's area: refused, with what to do.
+    // Only the user's files changed: nothing for a layer, refused with what to do.
+    let unchanged = agent.sync()?["snapshot"].as_str().unwrap().to_string();
+    write(&root, "home/alice/more.txt", b"user data only")?;
+    agent.sync()?;
     let same = morgana()
         .args(["layer", "capture-app", "none", "--device", &device])
-        .args([
-            "--before",
-            &agent.sync()?["snapshot"].as_str().unwrap().to_string(),
-        ])
+        .args(["--before", &unchanged])
         .arg("--data-dir")
         .arg(&appliance.data_dir)
         .output()?;
     assert!(!same.status.success());
+    assert!(stderr(&same).contains("do not differ"), "{}", stderr(&same));
 
     // Capturing again makes version 2; version 1 stays.
     write(&root, "usr/bin/tool", &noise(200_000, 5))?;

@@ -20,8 +20,10 @@ fn kind_name(kind: LayerKind) -> &'static str {
     }
 }
 
+/// A count, then each path length-prefixed: a cut anywhere shows.
 fn encode_paths(paths: &[Vec<u8>]) -> Vec<u8> {
     let mut out = Vec::new();
+    varint::put(&mut out, paths.len() as u64);
     for p in paths {
         varint::put_bytes(&mut out, p);
     }
@@ -30,11 +32,12 @@ fn encode_paths(paths: &[Vec<u8>]) -> Vec<u8> {
 
 fn decode_paths(bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
     let mut r = varint::Reader::new(bytes);
+    let count = r.varint("deleted path count").ok()?;
     let mut out = Vec::new();
-    while !r.is_empty() {
+    for _ in 0..count {
         out.push(r.bytes(usize::MAX, "deleted path").ok()?.to_vec());
     }
-    Some(out)
+    r.is_empty().then_some(out)
 }
 
 fn layer_from_row(row: &SqliteRow) -> Result<LayerRecord> {
@@ -204,8 +207,10 @@ mod tests {
     fn deletion_lists_round_trip() {
         let paths = vec![b"/usr/bin/old".to_vec(), vec![0xff, b'/', 0], Vec::new()];
         assert_eq!(decode_paths(&encode_paths(&paths)), Some(paths.clone()));
-        let mut cut = encode_paths(&paths);
-        cut.pop();
-        assert_eq!(decode_paths(&cut), None);
+        let whole = encode_paths(&paths);
+        for cut in 0..whole.len() {
+            assert_eq!(decode_paths(&whole[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(decode_paths(&encode_paths(&[])), Some(Vec::new()));
     }
 }
