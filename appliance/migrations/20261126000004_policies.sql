@@ -23,7 +23,7 @@ CREATE INDEX policy_versions_by_name ON policy_versions (name, version);
 INSERT INTO policy_versions (version, name, spec, created, actor) VALUES (
     1,
     'default',
-    '{"unprotected":{"rules":[],"exceptions":[]},"user_area":{"rules":[],"exceptions":[]},"sync_interval_secs":3600,"alert_after_secs":86400,"retention":{"hourly":24,"daily":14,"weekly":8,"monthly":12}}',
+    '{"unprotected":{"rules":[],"exceptions":[]},"user_area":{"rules":["%home%"],"exceptions":[]},"sync_interval_secs":3600,"alert_after_secs":86400,"retention":{"hourly":24,"daily":14,"weekly":8,"monthly":12}}',
     '2026-11-26T00:00:00.000Z',
     'system'
 );

@@ -73,7 +73,11 @@ impl Default for PolicySpec {
     fn default() -> Self {
         PolicySpec {
             unprotected: RuleSet::default(),
-            user_area: RuleSet::default(),
+            // User data lives in homes: a system-only revert and layer updates keep them.
+            user_area: RuleSet {
+                rules: vec![morgana_core::policy::HOME_MACRO.to_owned()],
+                exceptions: Vec::new(),
+            },
             sync_interval_secs: 3600,
             alert_after_secs: 86_400,
             retention: Retention::default(),
@@ -167,17 +171,17 @@ struct RetentionFile {
 pub fn parse_toml(text: &str) -> Result<PolicySpec, PolicyError> {
     let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError::Toml(e.to_string()))?;
     let defaults = PolicySpec::default();
-    let rules = |f: Option<RuleSetFile>| {
+    let rules = |f: Option<RuleSetFile>, default: &RuleSet| {
         f.map(|f| RuleSet {
             rules: f.rules,
             exceptions: f.exceptions,
         })
-        .unwrap_or_default()
+        .unwrap_or_else(|| default.clone())
     };
     let r = file.retention.unwrap_or_default();
     let spec = PolicySpec {
-        unprotected: rules(file.unprotected),
-        user_area: rules(file.user_area),
+        unprotected: rules(file.unprotected, &defaults.unprotected),
+        user_area: rules(file.user_area, &defaults.user_area),
         sync_interval_secs: match &file.sync_interval {
             None => defaults.sync_interval_secs,
             Some(v) => {
