@@ -321,10 +321,6 @@ pub trait Catalog: Send + Sync {
 
     // ---- Image management ----
 
-    async fn device_by_id(&self, id: &str) -> Result<Option<Device>>;
-
-    async fn snapshot_by_id(&self, id: &str) -> Result<Option<SnapshotInfo>>;
-
     /// Marks or unmarks a device as a reference machine; false if there is no such device.
     async fn set_reference(&self, device_id: &str, reference: bool) -> Result<bool>;
 

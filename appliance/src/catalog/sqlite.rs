@@ -1080,21 +1080,6 @@ impl Catalog for SqliteCatalog {
         self.events_verify().await
     }
 
-    async fn device_by_id(&self, id: &str) -> Result<Option<Device>> {
-        self.devices_by_id(id).await
-    }
-
-    async fn snapshot_by_id(&self, id: &str) -> Result<Option<SnapshotInfo>> {
-        let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE id = ?"
-        )))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(q("looking up a snapshot"))?;
-        row.as_ref().map(snapshot_from_row).transpose()
-    }
-
     async fn set_reference(&self, device_id: &str, reference: bool) -> Result<bool> {
         self.devices_set_reference(device_id, reference).await
     }

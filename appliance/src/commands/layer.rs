@@ -300,7 +300,7 @@ fn check_name(name: &str) -> anyhow::Result<&str> {
 }
 
 async fn reference_machine(catalog: &dyn Catalog, id: &str) -> anyhow::Result<Device> {
-    let Some(device) = catalog.device_by_id(id).await? else {
+    let Some(device) = catalog.device_status(id).await?.map(|s| s.device) else {
         bail!("there is no device {id}: enrol the reference machine with `morgana-agent enroll`");
     };
     let references = catalog.reference_devices().await?;
@@ -320,7 +320,7 @@ async fn device_snapshot(
     id: Option<&str>,
 ) -> anyhow::Result<SnapshotInfo> {
     match id {
-        Some(id) => match catalog.snapshot_by_id(id).await? {
+        Some(id) => match catalog.snapshot(id).await? {
             Some(s) if s.device_id == device.id => Ok(s),
             Some(_) => bail!("snapshot {id} belongs to another device than {}", device.id),
             None => bail!(

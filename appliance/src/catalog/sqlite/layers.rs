@@ -74,17 +74,6 @@ fn layer_from_row(row: &SqliteRow) -> Result<LayerRecord> {
 }
 
 impl SqliteCatalog {
-    pub(super) async fn devices_by_id(&self, id: &str) -> Result<Option<Device>> {
-        let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?"
-        )))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(q("looking up a device"))?;
-        row.as_ref().map(device_from_row).transpose()
-    }
-
     pub(super) async fn devices_set_reference(&self, id: &str, reference: bool) -> Result<bool> {
         const DOING: &str = "marking a reference machine";
         let mut tx = self.write_tx(DOING).await?;
