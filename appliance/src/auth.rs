@@ -104,6 +104,9 @@ impl Role {
                 Administrator | ImageManager | ProtectionManager | Helpdesk
             ),
             Permission::OwnDevices => true,
+            Permission::RunJobs => matches!(self, Administrator | ProtectionManager | Helpdesk),
+            Permission::ManageProtection => matches!(self, Administrator | ProtectionManager),
+            Permission::ManageImages => matches!(self, Administrator | ImageManager),
             Permission::Administer => self == Administrator,
         }
     }
@@ -121,9 +124,7 @@ impl std::str::FromStr for Role {
     }
 }
 
-/// What a route needs. Later slices add their own (sync and file restores for Helpdesk
-/// and up; policies, retention and full restores for Protection Managers; layers for
-/// Image Managers).
+/// What a route needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Permission {
     /// Any signed-in user: their own account.
@@ -132,7 +133,17 @@ pub enum Permission {
     ViewFleet,
     /// Devices, snapshots and trees of one's own devices (staff: all devices).
     OwnDevices,
-    /// Users, API tokens, enrolment tokens, device owners: administrators.
+    /// Sync now, file and folder restores (jobs that keep the device's system as it is):
+    /// Helpdesk, Protection Managers, administrators.
+    RunJobs,
+    /// Policies, retention, garbage collection, full and system-only restores: Protection
+    /// Managers and administrators.
+    ManageProtection,
+    /// Layers, reference machines, driver library and profiles, reflectors, layer
+    /// assignment and apply jobs: Image Managers and administrators.
+    ManageImages,
+    /// Users, API tokens, enrolment tokens, device owners, nodes, volumes, plugins:
+    /// administrators.
     Administer,
 }
 

@@ -6,9 +6,8 @@
 //! on every changing request), the API by `Authorization: Bearer` tokens only, so a browser
 //! cannot be tricked into making API calls with its cookie.
 //!
-//! Pages of later slices (jobs, policies, restores, layers, the end-user portal) add their
-//! routes to [`ui::routes`] / [`crate::rest::routes`] and their permissions to
-//! [`crate::auth::Permission`].
+//! Each area of the UI keeps its pages in a module of its own with a `routes()` that
+//! [`router`] merges; API routes go to [`crate::rest::routes`].
 
 pub mod assets;
 pub mod browse;
@@ -162,6 +161,9 @@ pub trait Need: Send + Sync {
 pub struct SignedIn;
 pub struct ViewFleet;
 pub struct OwnDevices;
+pub struct RunJobs;
+pub struct ManageProtection;
+pub struct ManageImages;
 pub struct Administer;
 
 impl Need for SignedIn {
@@ -172,6 +174,15 @@ impl Need for ViewFleet {
 }
 impl Need for OwnDevices {
     const PERMISSION: Permission = Permission::OwnDevices;
+}
+impl Need for RunJobs {
+    const PERMISSION: Permission = Permission::RunJobs;
+}
+impl Need for ManageProtection {
+    const PERMISSION: Permission = Permission::ManageProtection;
+}
+impl Need for ManageImages {
+    const PERMISSION: Permission = Permission::ManageImages;
 }
 impl Need for Administer {
     const PERMISSION: Permission = Permission::Administer;
