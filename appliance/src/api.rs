@@ -560,9 +560,11 @@ async fn commit_snapshot(
         device_id: device.id.clone(),
         root: req.root,
         created: crate::clock::rfc3339_ms(now),
+        pinned: morgana_core::wire::PINNED_REASONS
+            .contains(&req.reason.as_str())
+            .then(|| req.reason.clone()),
         reason: req.reason,
         stats: req.stats,
-        pinned: None,
     };
     state.0.catalog.insert_snapshot(&info).await?;
     info!(device = %device.id, snapshot = %info.id, root = %info.root, "snapshot committed");

@@ -406,7 +406,8 @@ pub trait Catalog: Send + Sync {
     async fn take_next_job(&self, device_id: &str, now_ms: i64) -> Result<Option<JobRecord>>;
 
     /// Applies an agent's report to its job: progress while running, then the outcome
-    /// (`finished_ms` set). `None`, and nothing changes, unless `report.job_id` is a job of
+    /// (`finished_ms` set). Totals only grow: the appliance counts a restore's totals when
+    /// queuing it, and an agent that reports none must not erase them. `None`, and nothing changes, unless `report.job_id` is a job of
     /// `device_id` that is running.
     async fn report_job(
         &self,

@@ -68,9 +68,14 @@ pub struct SnapshotStats {
 pub struct CommitRequest {
     pub root: Id,
     pub stats: SnapshotStats,
-    /// Why the snapshot was taken: `manual`, `scheduled`, …
+    /// Why the snapshot was taken: `manual`, `scheduled`, … ([`PINNED_REASONS`] are kept
+    /// until someone unpins them).
     pub reason: String,
 }
+
+/// Commit reasons the appliance pins on arrival: the state a device had before a revert or
+/// a layer update must outlive retention, or the change could not be undone.
+pub const PINNED_REASONS: &[&str] = &["pre-revert", "pre-layer-update"];
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CommitRefused {

@@ -273,6 +273,18 @@ fn restore_jobs_put_folders_in_a_new_place_and_back_in_place() -> Result<()> {
     )?;
     wait_ok(&appliance, &daemon, &job)?;
     assert_same_tree(&reference, &out)?;
+    // Progress has totals, counted by the appliance, and the agent's count reaches them.
+    let progress = &job_json(&appliance, &job)?["progress"];
+    let three_files = 5 + 200_000 + 4;
+    for (done, total, want) in [
+        ("files_done", "files_total", 3),
+        ("bytes_done", "bytes_total", three_files),
+    ] {
+        ensure!(
+            progress[done] == want && progress[total] == want,
+            "{progress}"
+        );
+    }
 
     // In place: the folder becomes the snapshot's; nothing beside it changes.
     let job = queue(
@@ -366,6 +378,14 @@ fn full_and_system_only_reverts() -> Result<()> {
     }
     assert_same_tree(&home_now, &root.join("home")).context("home")?;
     ensure!(count(&agent, "pre-revert") == 2, "{:?}", reasons(&agent));
+    // The states reverted away from outlive retention until someone unpins them.
+    for s in agent.snapshots()?.as_array().context("snapshot list")? {
+        let pre_revert = s["reason"] == "pre-revert";
+        ensure!(
+            (s["pinned"] == "pre-revert") == pre_revert,
+            "only pre-revert snapshots are pinned: {s}"
+        );
+    }
     daemon.stop()?;
     Ok(())
 }
@@ -540,5 +560,65 @@ fn a_manual_sync_waits_for_the_one_running() -> Result<()> {
     let status = child.wait()?;
     ensure!(status.success(), "{status}");
     ensure!(count(&agent, "manual") == 1);
+    Ok(())
+}
+
+#[test]
+fn a_job_the_agent_lost_fails_after_the_grace_and_the_next_one_runs() -> Result<()> {
+    crate::init();
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path().join("root");
+    write(&root, "f.txt", b"data")?;
+    let appliance =
+        Appliance::start_with(&tmp.path().join("appliance"), &["--heartbeat-every", "1s"])?;
+    let agent = Agent::enroll(&appliance, &root, &tmp.path().join("state"))?;
+    let id = device_id(&agent)?;
+    agent.sync()?;
+    // A sync job blocks on this lock, so it is running when the service is killed.
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(agent.state_dir.join("sync.lock"))?;
+    // SAFETY: a valid descriptor we own.
+    ensure!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } == 0);
+    let daemon = Daemon::start(&agent, "1h", &tmp.path().join("agent-1.log"))?;
+    let lost = queue(&appliance, &["job", "sync", &id])?;
+    let state = |job: &str| {
+        job_json(&appliance, job)
+            .map(|j| j["state"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    };
+    ensure!(
+        wait_for(Duration::from_secs(60), || state(&lost) == "running"),
+        "the job never started:\n{}",
+        daemon.log()
+    );
+    // SIGKILL: the service cannot report anything.
+    drop(daemon);
+    drop(lock);
+    ensure!(state(&lost) == "running");
+
+    let daemon = Daemon::start(&agent, "1h", &tmp.path().join("agent-2.log"))?;
+    ensure!(
+        wait_for(Duration::from_secs(90), || state(&lost) == "failed"),
+        "the lost job was not failed: {}\n{}",
+        job_json(&appliance, &lost)?,
+        daemon.log()
+    );
+    let message = job_json(&appliance, &lost)?["message"].to_string();
+    ensure!(message.contains("queue the job again"), "{message}");
+    let events = run_ok(
+        morgana()
+            .args(["events", "--kind", "job.failed", "--json", "--data-dir"])
+            .arg(&appliance.data_dir),
+    )?;
+    ensure!(
+        String::from_utf8_lossy(&events.stdout).contains(&lost),
+        "no job.failed event for {lost}"
+    );
+    let next = queue(&appliance, &["job", "sync", &id])?;
+    wait_ok(&appliance, &daemon, &next)?;
+    daemon.stop()?;
     Ok(())
 }

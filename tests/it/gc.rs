@@ -1,5 +1,6 @@
-//! The hammer: agents sync in a loop while `morgana gc` runs over and over beside them with
-//! the harshest retention (newest snapshot only, plus a pinned one). No sync may fail,
+//! The hammer: agents sync in a loop, and restore now and then, while `morgana gc` runs over
+//! and over beside them with the harshest retention (newest snapshot only, plus a pinned
+//! one). No sync or restore may fail,
 //! `morgana check` must end clean, and every retained snapshot must restore bit for bit.
 //!
 //! `MORGANA_HAMMER_SECS` sets how long the load runs (default 40).
@@ -40,6 +41,8 @@ struct Loaded {
     pinned: String,
     newest: String,
     syncs: u64,
+    /// Restores of the pinned snapshot made while gc ran.
+    restores: u64,
 }
 
 fn hammer_agent(appliance: &Appliance, base: &Path, i: usize, until: Instant) -> Result<Loaded> {
@@ -69,6 +72,7 @@ fn hammer_agent(appliance: &Appliance, base: &Path, i: usize, until: Instant) ->
     )?;
     let mut newest = first.clone();
     let mut syncs = 1;
+    let mut restores = 0;
     while Instant::now() < until {
         mutate(&root, i, syncs)?;
         let s = agent
@@ -84,6 +88,20 @@ fn hammer_agent(appliance: &Appliance, base: &Path, i: usize, until: Instant) ->
         }
         newest = id;
         syncs += 1;
+        // Restores run beside the collections too, reading what gc is rewriting.
+        if syncs % 4 == 0 {
+            let to = base.join(format!("restore{i}"));
+            let _ = fs::remove_dir_all(&to);
+            let out = agent.restore(&first, &to, None, false);
+            ensure!(
+                out.status.success(),
+                "agent {i}: restoring the pinned snapshot while gc runs: {}",
+                stderr(&out)
+            );
+            assert_same_tree(&copies.join(&first), &to)
+                .with_context(|| format!("agent {i}: pinned snapshot restored while gc runs"))?;
+            restores += 1;
+        }
     }
     Ok(Loaded {
         agent,
@@ -91,6 +109,7 @@ fn hammer_agent(appliance: &Appliance, base: &Path, i: usize, until: Instant) ->
         pinned: first,
         newest,
         syncs,
+        restores,
     })
 }
 
@@ -141,9 +160,10 @@ fn gc_in_a_loop_beside_syncing_agents_loses_nothing() -> Result<()> {
         .map(|r| r["blobs_freed"].as_u64().unwrap())
         .sum();
     let syncs: u64 = loaded.iter().map(|l| l.syncs).sum();
+    let restores: u64 = loaded.iter().map(|l| l.restores).sum();
     eprintln!(
-        "hammer: {secs} s, {syncs} syncs by {AGENTS} agents, {} gc runs freed {freed} blobs, \
-         {} fence retries",
+        "hammer: {secs} s, {syncs} syncs and {restores} restores by {AGENTS} agents, {} gc runs \
+         freed {freed} blobs, {} fence retries",
         gc_runs.len(),
         gc_runs
             .iter()
@@ -154,6 +174,10 @@ fn gc_in_a_loop_beside_syncing_agents_loses_nothing() -> Result<()> {
         gc_runs.len() >= 3,
         "only {} gc runs: raise MORGANA_HAMMER_SECS",
         gc_runs.len()
+    );
+    ensure!(
+        restores > 0,
+        "no restore ran beside the collections: raise MORGANA_HAMMER_SECS"
     );
     ensure!(
         freed > 0,

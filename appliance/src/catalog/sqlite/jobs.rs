@@ -184,8 +184,9 @@ impl SqliteCatalog {
         let finished = matches!(report.state, JobState::Succeeded | JobState::Failed);
         let p = &report.progress;
         let row = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE jobs SET state = ?, files_done = ?, files_total = ?, bytes_done = ?, \
-                    bytes_total = ?, message = ?, finished_ms = ? \
+            "UPDATE jobs SET state = ?, files_done = ?, files_total = MAX(files_total, ?), \
+                    bytes_done = ?, bytes_total = MAX(bytes_total, ?), message = ?, \
+                    finished_ms = ? \
              WHERE id = ? AND device_id = ? AND state = 'running' \
              RETURNING {JOB_COLUMNS}"
         )))
