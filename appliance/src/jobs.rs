@@ -2,13 +2,13 @@
 //! agent side of the protocol is in `api::control`; storage is the catalog's.
 
 use morgana_core::control::{JobKind, RestoreJob, RestoreScope};
-use morgana_core::policy::Area;
+use morgana_core::policy::{Area, Standing};
 use morgana_core::tree::{Content, Kind};
 use tracing::warn;
 
 use crate::catalog::{Catalog, JobRecord, Result};
 use crate::events::{NewEvent, Severity};
-use crate::store::{TreeLoadError, load_tree};
+use crate::store::{TreeLoadError, Visit, load_tree, walk_tree};
 
 /// Entries a restore's totals count at most; a bigger restore shows progress without them.
 const MAX_COUNTED: u64 = 5_000_000;
@@ -134,27 +134,27 @@ impl Totals {
         id: morgana_core::Id,
         skip: Option<&Area>,
     ) -> std::result::Result<(), TotalsError> {
-        let mut stack = vec![(at, id)];
-        while let Some((dir, id)) = stack.pop() {
-            for e in load_tree(catalog, id).await?.entries {
-                self.entries += 1;
-                if self.entries > MAX_COUNTED {
-                    return Ok(());
-                }
-                let mut path = Vec::with_capacity(dir.len() + 1 + e.name.len());
-                path.extend_from_slice(&dir);
-                path.push(b'/');
-                path.extend_from_slice(&e.name);
-                if skip.is_some_and(|a| a.contains(&path)) {
-                    continue;
-                }
-                match (e.kind, e.content) {
-                    (Some(Kind::Dir), Content::Tree(sub)) => stack.push((path, sub)),
-                    (Some(Kind::File), _) => self.file(e.size),
-                    _ => {}
-                }
+        let start = match skip {
+            Some(area) if !at.is_empty() => area.standing(&at),
+            _ => Standing::default(),
+        };
+        walk_tree(catalog, id, start, |parent, path, e| {
+            self.entries += 1;
+            if self.entries > MAX_COUNTED {
+                return Visit::Stop;
             }
-        }
+            let standing = skip.map_or(Standing::default(), |a| a.child(*parent, path));
+            if standing.in_area() {
+                return Visit::Skip;
+            }
+            match e.kind {
+                Some(Kind::Dir) => return Visit::Enter(standing),
+                Some(Kind::File) => self.file(e.size),
+                _ => {}
+            }
+            Visit::Skip
+        })
+        .await?;
         Ok(())
     }
 }

@@ -26,8 +26,14 @@ use morgana_core::control::{AgentPolicy, RuleSet};
 use morgana_core::policy::{self as areas, FACTORY_UNPROTECTED};
 use serde::{Deserialize, Serialize};
 
+use morgana_core::policy::Standing;
+use morgana_core::tree::Kind;
+
+use crate::catalog::{Catalog, CatalogError};
 use crate::commands::enroll_token::parse_duration;
+use crate::events::{self, NewEvent, Severity};
 use crate::retention::Retention;
+use crate::store::{TreeLoadError, Visit, walk_tree};
 
 const MAX_NAME: usize = 64;
 /// Bounds that keep a typo from making a policy useless: a sync every second, or a
@@ -275,6 +281,272 @@ pub fn to_toml(spec: &PolicySpec) -> String {
         }),
     };
     toml::to_string(&file).expect("a policy file serializes")
+}
+
+/// Saves `spec` as the newest version of policy `name` (creating it) and records who did.
+/// Returns the saved version and a line for a person.
+pub async fn save(
+    catalog: &dyn Catalog,
+    name: &str,
+    spec: &PolicySpec,
+    actor: &str,
+) -> Result<(PolicyVersion, String), CatalogError> {
+    let before = catalog.policy(name, None).await?;
+    let saved = catalog
+        .save_policy(
+            name,
+            spec,
+            &crate::clock::rfc3339_ms(crate::clock::now_ms()),
+            actor,
+        )
+        .await?;
+    let message = match &before {
+        Some(b) => format!(
+            "policy {name} changed: version {} replaces version {}",
+            saved.version, b.version
+        ),
+        None => format!("policy {name} created as version {}", saved.version),
+    };
+    events::record(
+        catalog,
+        NewEvent::system("policy.saved", Severity::Info, message.clone()).by(actor),
+    )
+    .await;
+    Ok((saved, message))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AssignError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(
+        "there is no device {0:?} (by id or hostname); nothing was changed. The devices page \
+         and `morgana device list` show the enrolled ones"
+    )]
+    NoSuchDevice(String),
+    #[error(
+        "{wanted:?} names {count} devices ({ids}); give their ids instead; nothing was changed"
+    )]
+    Ambiguous {
+        wanted: String,
+        count: usize,
+        ids: String,
+    },
+    #[error("there is no policy {0:?}; create it first, then assign it")]
+    NoSuchPolicy(String),
+}
+
+/// Makes the devices named in `wanted` (ids or hostnames) follow policy `name`; all or
+/// nothing. Returns a line per device for a person.
+pub async fn assign(
+    catalog: &dyn Catalog,
+    name: &str,
+    wanted: &[String],
+    actor: &str,
+) -> Result<Vec<String>, AssignError> {
+    if catalog.policy(name, None).await?.is_none() {
+        return Err(AssignError::NoSuchPolicy(name.to_owned()));
+    }
+    let mut devices = Vec::with_capacity(wanted.len());
+    for w in wanted {
+        devices.push(find_device(catalog, w).await?);
+    }
+    let ids: Vec<String> = devices.iter().map(|d| d.id.clone()).collect();
+    let before = catalog.assign_policy(name, &ids).await?;
+    let mut lines = Vec::new();
+    for (d, old) in devices.iter().zip(before) {
+        let message = format!(
+            "device {} ({}) now follows policy {name} (was {old})",
+            d.hostname, d.id
+        );
+        events::record(
+            catalog,
+            NewEvent::system("policy.assigned", Severity::Info, message.clone())
+                .for_device(&d.id)
+                .by(actor),
+        )
+        .await;
+        lines.push(message);
+    }
+    Ok(lines)
+}
+
+/// The one device `wanted` names, by id or hostname.
+pub async fn find_device(
+    catalog: &dyn Catalog,
+    wanted: &str,
+) -> Result<crate::catalog::Device, AssignError> {
+    let mut found = catalog.find_devices(wanted).await?;
+    match found.len() {
+        0 => Err(AssignError::NoSuchDevice(wanted.to_owned())),
+        1 => Ok(found.remove(0)),
+        count => Err(AssignError::Ambiguous {
+            wanted: wanted.to_owned(),
+            count,
+            ids: found
+                .iter()
+                .map(|d| d.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}
+
+/// Files and their bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Count {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+impl Count {
+    fn add(&mut self, size: u64) {
+        self.files += 1;
+        self.bytes += size;
+    }
+}
+
+/// What a policy change would do to one device, judged on its newest snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DryRun {
+    pub device_id: String,
+    pub hostname: String,
+    /// The snapshot judged; `None` when the device has none yet.
+    pub snapshot: Option<String>,
+    /// Files the new unprotected area leaves out of the next snapshots.
+    pub dropped: Count,
+    /// Files that become user data (kept by system-only reverts and layer updates).
+    pub into_user_area: Count,
+    /// Files that stop being user data.
+    pub out_of_user_area: Count,
+    /// Rules of the old unprotected area that the new one drops: what they held is not in
+    /// any snapshot, so its size is known only after the next sync reads it.
+    pub uploaded_again: Vec<String>,
+    /// The walk stopped at [`MAX_DRY_RUN_ENTRIES`]: the counts are lower bounds.
+    pub capped: bool,
+}
+
+/// Entries a dry run reads per device at most.
+pub const MAX_DRY_RUN_ENTRIES: u64 = 2_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DryRunError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("reading the device's newest snapshot failed: {0}")]
+    Tree(#[from] TreeLoadError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Device(#[from] AssignError),
+}
+
+/// Devices a dry run looks at unless named: those following the policy, at most this many.
+pub const DRY_RUN_DEVICES: usize = 50;
+
+/// [`dry_run`] of saving `new` as policy `name`, on the devices named in `wanted` (ids or
+/// hostnames), or on those following the policy (at most [`DRY_RUN_DEVICES`]).
+pub async fn dry_run_devices(
+    catalog: &dyn Catalog,
+    name: &str,
+    new: &PolicySpec,
+    wanted: &[String],
+) -> Result<Vec<DryRun>, DryRunError> {
+    let old = catalog
+        .policy(name, None)
+        .await?
+        .map(|p| p.spec)
+        .unwrap_or_default();
+    let mut devices = Vec::new();
+    if wanted.is_empty() {
+        for d in catalog.device_protection().await? {
+            if d.policy.name == name && devices.len() < DRY_RUN_DEVICES {
+                devices.push(d.device);
+            }
+        }
+    } else {
+        for w in wanted {
+            devices.push(find_device(catalog, w).await?);
+        }
+    }
+    let mut runs = Vec::with_capacity(devices.len());
+    for d in &devices {
+        runs.push(dry_run(catalog, d, &old, new).await?);
+    }
+    Ok(runs)
+}
+
+/// What saving `new` in place of the policy `old` would change on `device`.
+pub async fn dry_run(
+    catalog: &dyn Catalog,
+    device: &crate::catalog::Device,
+    old: &PolicySpec,
+    new: &PolicySpec,
+) -> Result<DryRun, DryRunError> {
+    let area = |set: &RuleSet, name: &'static str| {
+        areas::Area::compile(set).map_err(|reason| PolicyError::BadRule { area: name, reason })
+    };
+    let unprotected =
+        areas::Area::unprotected(&new.unprotected).map_err(|reason| PolicyError::BadRule {
+            area: "unprotected",
+            reason,
+        })?;
+    let (user_old, user_new) = (
+        area(&old.user_area, "user_area")?,
+        area(&new.user_area, "user_area")?,
+    );
+    let mut run = DryRun {
+        device_id: device.id.clone(),
+        hostname: device.hostname.clone(),
+        snapshot: None,
+        dropped: Count::default(),
+        into_user_area: Count::default(),
+        out_of_user_area: Count::default(),
+        uploaded_again: old
+            .unprotected
+            .rules
+            .iter()
+            .filter(|r| !new.unprotected.rules.contains(r))
+            .cloned()
+            .collect(),
+        capped: false,
+    };
+    let Some(newest) = catalog.device_snapshots(&device.id).await?.pop() else {
+        return Ok(run);
+    };
+    run.snapshot = Some(newest.id.clone());
+    let mut entries = 0u64;
+    let start = [Standing::default(); 3];
+    walk_tree(catalog, newest.root, start, |parent, path, e| {
+        entries += 1;
+        if entries > MAX_DRY_RUN_ENTRIES {
+            run.capped = true;
+            return Visit::Stop;
+        }
+        let here = [
+            unprotected.child(parent[0], path),
+            user_old.child(parent[1], path),
+            user_new.child(parent[2], path),
+        ];
+        if e.kind == Some(Kind::Dir) {
+            return Visit::Enter(here);
+        }
+        if e.kind != Some(Kind::File) {
+            return Visit::Skip;
+        }
+        if here[0].in_area() {
+            run.dropped.add(e.size);
+        } else {
+            match (here[1].in_area(), here[2].in_area()) {
+                (false, true) => run.into_user_area.add(e.size),
+                (true, false) => run.out_of_user_area.add(e.size),
+                _ => {}
+            }
+        }
+        Visit::Skip
+    })
+    .await?;
+    Ok(run)
 }
 
 #[cfg(test)]

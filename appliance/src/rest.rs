@@ -19,6 +19,8 @@ use crate::web::ops::{self, DeviceParams, EventParams, OpError};
 use crate::web::ui::DiffQuery;
 use crate::web::{Administer, Auth, OwnDevices, SignedIn, ViewFleet, WebState, browse};
 
+mod policies;
+
 pub const OPENAPI: &str = include_str!("rest/openapi.json");
 
 /// One API route: method, path (axum syntax, which is OpenAPI's), handler.
@@ -75,6 +77,9 @@ pub fn table() -> Vec<Route> {
         route(M::GET, "/api/v1/enroll-tokens", enroll_tokens),
         route(M::POST, "/api/v1/enroll-tokens", enroll_token_create),
     ]
+    .into_iter()
+    .chain(policies::table())
+    .collect()
 }
 
 pub fn routes() -> Router<WebState> {

@@ -332,3 +332,41 @@ pub async fn load_tree(
     })
     .await?
 }
+
+/// What [`walk_tree`] does after visiting an entry.
+pub enum Visit<S> {
+    /// Go into this directory; its entries are visited with this state.
+    Enter(S),
+    /// Do not go into it (or it is not a directory).
+    Skip,
+    /// End the walk.
+    Stop,
+}
+
+/// Walks the stored trees below `root` depth first, calling `visit` with each entry's
+/// parent state, its absolute path (`/etc/hosts`) and the entry. Memory is the stack of
+/// directories not yet read, never the whole snapshot.
+pub async fn walk_tree<S>(
+    catalog: &dyn crate::catalog::Catalog,
+    root: Id,
+    root_state: S,
+    mut visit: impl FnMut(&S, &[u8], &morgana_core::tree::Entry) -> Visit<S>,
+) -> std::result::Result<(), TreeLoadError> {
+    let mut stack = vec![(Vec::new(), root, root_state)];
+    while let Some((dir, id, state)) = stack.pop() {
+        for e in load_tree(catalog, id).await?.entries {
+            let mut path = Vec::with_capacity(dir.len() + 1 + e.name.len());
+            path.extend_from_slice(&dir);
+            path.push(b'/');
+            path.extend_from_slice(&e.name);
+            match (visit(&state, &path, &e), &e.content) {
+                (Visit::Stop, _) => return Ok(()),
+                (Visit::Enter(sub), morgana_core::tree::Content::Tree(sub_id)) => {
+                    stack.push((path, *sub_id, sub))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}

@@ -12,6 +12,7 @@
 pub mod assets;
 pub mod browse;
 pub mod ops;
+pub mod policies;
 pub mod ui;
 
 use std::marker::PhantomData;
@@ -57,7 +58,9 @@ impl WebState {
 
 /// The UI and the REST API, to merge into the appliance's router.
 pub fn router(state: WebState) -> Router {
-    let ui = ui::routes().layer(middleware::from_fn(require_csrf));
+    let ui = ui::routes()
+        .merge(policies::routes())
+        .layer(middleware::from_fn(require_csrf));
     Router::new()
         .merge(ui)
         .merge(crate::rest::routes())

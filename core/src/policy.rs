@@ -116,13 +116,18 @@ impl Area {
 
     /// Whether `path` is in the area, looking at it and every folder above it.
     pub fn contains(&self, path: &[u8]) -> bool {
+        self.standing(path).in_area()
+    }
+
+    /// The standing of the absolute `path`, from every folder above it.
+    pub fn standing(&self, path: &[u8]) -> Standing {
         let mut standing = Standing::default();
         for (i, &b) in path.iter().enumerate() {
             if b == b'/' && i > 0 {
                 standing = self.child(standing, &path[..i]);
             }
         }
-        self.child(standing, path).in_area()
+        self.child(standing, path)
     }
 
     /// Whether everything at and beneath the folder `dir` (with standing `standing`) is in

@@ -230,6 +230,8 @@ fn layer_entries() -> Vec<FileEntry> {
         "/opt/app/bin/app",
         "/lost+found",
         "/swapfile",
+        "/swap.img",
+        "/var/lib/morgana-agent/device.json",
     ];
     paths
         .iter()

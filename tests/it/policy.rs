@@ -106,6 +106,38 @@ fn a_policy_version_leaves_a_folder_out_and_back_in_without_a_full_reread() -> R
         "policy.json must be private to the agent"
     );
 
+    // The dry run judges a change on the newest snapshot and saves nothing.
+    let trial = tmp.path().join("trial.toml");
+    fs::write(
+        &trial,
+        r#"
+        unprotected = { rules = ["/data/big"] }
+        user_area = { rules = ["/docs"] }
+        "#,
+    )?;
+    let out = run_ok(
+        data_cmd(&appliance, &["policy", "dry-run", "office", "--json"])
+            .args(["--device", &device_id(&agent)?])
+            .arg("--file")
+            .arg(&trial),
+    )?;
+    let runs: Value = serde_json::from_slice(&out.stdout)?;
+    let run = &runs[0];
+    let sum = |files: &[(&str, usize)]| files.iter().map(|f| f.1 as u64).sum::<u64>();
+    ensure!(
+        run["dropped"]["files"] == 3 && run["dropped"]["bytes"] == sum(big),
+        "{run}"
+    );
+    ensure!(
+        run["into_user_area"]["files"] == 2
+            && run["into_user_area"]["bytes"] == sum(&rest[1..3])
+            && run["out_of_user_area"]["files"] == 0,
+        "{run}"
+    );
+    ensure!(run["snapshot"] == first["snapshot"], "{run} vs {first}");
+    let show = data_cmd(&appliance, &["policy", "show", "office"]).output()?;
+    ensure!(!show.status.success(), "a dry run saves nothing");
+
     // A new policy leaves /data/big out; one other file changes meanwhile.
     set_policy(
         &appliance,

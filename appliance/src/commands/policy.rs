@@ -9,7 +9,6 @@ use serde_json::json;
 
 use crate::catalog::{Catalog, SqliteCatalog};
 use crate::config::{DEFAULT_DATA_DIR, DataDir};
-use crate::events::{self, NewEvent, Severity};
 use crate::policy::{self, PolicyVersion, format_duration};
 
 #[derive(Debug, clap::Subcommand)]
@@ -40,6 +39,21 @@ pub enum Command {
         file: PathBuf,
         #[arg(long, value_name = "DIR", env = "MORGANA_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
+    },
+    /// What a new version from a TOML file would change on devices, judged on each one's
+    /// newest snapshot: files dropped from protection, files moving in or out of the user
+    /// area. Saves nothing.
+    DryRun {
+        name: String,
+        #[arg(long, value_name = "POLICY.toml")]
+        file: PathBuf,
+        /// Devices to judge (id or hostname); default: those following the policy (at most 50).
+        #[arg(long = "device", value_name = "DEVICE")]
+        devices: Vec<String>,
+        #[arg(long, value_name = "DIR", env = "MORGANA_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// Make devices (by id or hostname) follow a policy.
     Assign {
@@ -170,33 +184,60 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             let spec = policy::parse_toml(&text)
                 .with_context(|| format!("policy file {} refused", file.display()))?;
             let catalog = open(&data_dir).await?;
-            let result = async {
-                let before = catalog.policy(&name, None).await?;
-                let saved = catalog
-                    .save_policy(
-                        &name,
-                        &spec,
-                        &crate::clock::rfc3339_ms(crate::clock::now_ms()),
-                        "cli",
-                    )
-                    .await?;
-                let message = match &before {
-                    Some(b) => format!(
-                        "policy {name} changed: version {} replaces version {}",
-                        saved.version, b.version
-                    ),
-                    None => format!("policy {name} created as version {}", saved.version),
-                };
-                events::record(
-                    &catalog,
-                    NewEvent::system("policy.saved", Severity::Info, message.clone()).by("cli"),
-                )
-                .await;
-                Ok::<_, crate::catalog::CatalogError>(message)
-            }
-            .await;
+            let result = policy::save(&catalog, &name, &spec, "cli").await;
             catalog.close().await;
-            println!("{}", result.context("cannot save the policy")?);
+            println!("{}", result.context("cannot save the policy")?.1);
+            Ok(())
+        }
+        Command::DryRun {
+            name,
+            file,
+            devices,
+            data_dir,
+            json,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read the policy file {}", file.display()))?;
+            let new = policy::parse_toml(&text)
+                .with_context(|| format!("policy file {} refused", file.display()))?;
+            let catalog = open(&data_dir).await?;
+            let result = policy::dry_run_devices(&catalog, &name, &new, &devices).await;
+            catalog.close().await;
+            let runs = result.context("the dry run failed")?;
+            if json {
+                println!("{}", serde_json::to_string(&runs)?);
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:>9} {:>12} {:>14} {:>14}",
+                "DEVICE", "DROPPED", "BYTES", "TO USER AREA", "FROM USER AREA"
+            );
+            for r in &runs {
+                println!(
+                    "{:<24} {:>9} {:>12} {:>14} {:>14}{}{}",
+                    format!("{} ({})", r.hostname, r.device_id),
+                    r.dropped.files,
+                    r.dropped.bytes,
+                    r.into_user_area.files,
+                    r.out_of_user_area.files,
+                    if r.snapshot.is_none() {
+                        "  no snapshot yet"
+                    } else {
+                        ""
+                    },
+                    if r.capped {
+                        "  (stopped early: at least these)"
+                    } else {
+                        ""
+                    },
+                );
+            }
+            if let Some(r) = runs.first().filter(|r| !r.uploaded_again.is_empty()) {
+                println!(
+                    "uploaded again from the next sync on (not in any snapshot, so not counted): {}",
+                    r.uploaded_again.join(" ")
+                );
+            }
             Ok(())
         }
         Command::Assign {
@@ -205,7 +246,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             data_dir,
         } => {
             let catalog = open(&data_dir).await?;
-            let result = assign(&catalog, &name, &devices).await;
+            let result = policy::assign(&catalog, &name, &devices, "cli").await;
             catalog.close().await;
             for line in result? {
                 println!("{line}");
@@ -213,57 +254,6 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-async fn assign(
-    catalog: &SqliteCatalog,
-    name: &str,
-    wanted: &[String],
-) -> anyhow::Result<Vec<String>> {
-    let mut devices = Vec::with_capacity(wanted.len());
-    for w in wanted {
-        let found = catalog
-            .find_devices(w)
-            .await
-            .context("cannot look up devices")?;
-        match found.as_slice() {
-            [] => bail!(
-                "there is no device {w:?} (by id or hostname); nothing was changed. Enrolled \
-                 devices are listed by `morgana events --kind device.enrolled`"
-            ),
-            [d] => devices.push(d.clone()),
-            several => bail!(
-                "{w:?} names {} devices ({}); give their ids instead; nothing was changed",
-                several.len(),
-                several
-                    .iter()
-                    .map(|d| d.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }
-    }
-    let ids: Vec<String> = devices.iter().map(|d| d.id.clone()).collect();
-    let before = catalog
-        .assign_policy(name, &ids)
-        .await
-        .context("cannot assign the policy")?;
-    let mut lines = Vec::new();
-    for (d, old) in devices.iter().zip(before) {
-        let message = format!(
-            "device {} ({}) now follows policy {name} (was {old})",
-            d.hostname, d.id
-        );
-        events::record(
-            catalog,
-            NewEvent::system("policy.assigned", Severity::Info, message.clone())
-                .for_device(&d.id)
-                .by("cli"),
-        )
-        .await;
-        lines.push(message);
-    }
-    Ok(lines)
 }
 
 fn policy_json(p: &PolicyVersion) -> serde_json::Value {

@@ -328,6 +328,8 @@ const STAFF: &[Role] = &[
     Role::Helpdesk,
 ];
 const ADMIN: &[Role] = &[Role::Administrator];
+/// Policies, retention, full restores.
+const PROTECTION: &[Role] = &[Role::Administrator, Role::ProtectionManager];
 const ANY: &[Role] = &Role::ALL;
 
 /// Method, path, form body, who may, status when allowed.
@@ -459,6 +461,49 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
             "uses=2&expires=1h".into(),
             ADMIN,
             StatusCode::OK,
+        ),
+        (
+            "GET",
+            "/policies".into(),
+            "".into(),
+            PROTECTION,
+            StatusCode::OK,
+        ),
+        // A sync every second is refused: allowed to try, refused as bad input.
+        (
+            "POST",
+            "/policies".into(),
+            "name=lab&toml=sync_interval+%3D+%221s%22".into(),
+            PROTECTION,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "GET",
+            "/policies/default".into(),
+            "".into(),
+            PROTECTION,
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            "/policies/default".into(),
+            "toml=".into(),
+            PROTECTION,
+            StatusCode::SEE_OTHER,
+        ),
+        (
+            "POST",
+            "/policies/default/dry-run".into(),
+            "toml=".into(),
+            PROTECTION,
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            "/policies/default/devices".into(),
+            format!("devices={own}"),
+            PROTECTION,
+            StatusCode::SEE_OTHER,
         ),
         ("GET", "/account".into(), "".into(), ANY, StatusCode::OK),
         // Wrong current password: allowed to try, refused as bad input.
@@ -615,6 +660,41 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
             Some(r#"{"uses":3,"expires":"2h"}"#.into()),
             ADMIN,
             StatusCode::CREATED,
+        ),
+        (
+            "GET",
+            "/api/v1/policies".into(),
+            None,
+            PROTECTION,
+            StatusCode::OK,
+        ),
+        (
+            "GET",
+            "/api/v1/policies/default".into(),
+            None,
+            PROTECTION,
+            StatusCode::OK,
+        ),
+        (
+            "PUT",
+            "/api/v1/policies/default".into(),
+            Some(r#"{"toml":""}"#.into()),
+            PROTECTION,
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            "/api/v1/policies/default/dry-run".into(),
+            Some(r#"{"toml":"unprotected = { rules = [\"/docs\"] }"}"#.into()),
+            PROTECTION,
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            "/api/v1/policies/default/devices".into(),
+            Some(format!(r#"{{"devices":["{own}"]}}"#)),
+            PROTECTION,
+            StatusCode::OK,
         ),
     ];
     for (method, path, json, allowed, ok) in &api {

@@ -59,6 +59,8 @@ pub struct Layout {
     pub user: String,
     pub role: &'static str,
     pub staff: bool,
+    /// May manage policies, retention and full restores.
+    pub protection: bool,
     pub admin: bool,
     pub csrf: String,
     /// Which navigation entry is current.
@@ -75,6 +77,7 @@ impl Layout {
             user: String::new(),
             role: "",
             staff: false,
+            protection: false,
             admin: false,
             csrf: String::new(),
             nav: "",
@@ -84,11 +87,15 @@ impl Layout {
         }
     }
 
-    fn of<N>(a: &Auth<N>, title: &str, nav: &'static str) -> Layout {
+    pub(super) fn of<N>(a: &Auth<N>, title: &str, nav: &'static str) -> Layout {
         Layout {
             user: a.user.name.clone(),
             role: a.user.role.label(),
             staff: a.user.role.sees_all_devices(),
+            protection: a
+                .user
+                .role
+                .allows(crate::auth::Permission::ManageProtection),
             admin: a.user.role == Role::Administrator,
             csrf: a.csrf.clone(),
             nav,
@@ -97,7 +104,7 @@ impl Layout {
     }
 }
 
-fn render(t: &impl Template) -> Response {
+pub(super) fn render(t: &impl Template) -> Response {
     match t.render() {
         Ok(html) => Html(html).into_response(),
         Err(e) => {

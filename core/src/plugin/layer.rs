@@ -16,21 +16,18 @@ const MACHINE_IDENTITY: &[&str] = &[
 /// Directories whose whole contents are per-device identity.
 const MACHINE_IDENTITY_PREFIX: &[&str] = &["/etc/ssh/ssh_host_"];
 const USER_AREAS: &[&str] = &["/home", "/root"];
-/// Caches, runtime and kernel file systems: regenerated on the device, worth nothing in a
-/// layer and not worth protecting.
-const EXCLUDED: &[&str] = &[
-    "/proc",
-    "/sys",
-    "/dev",
-    "/run",
-    "/tmp",
-    "/var/tmp",
-    "/var/cache",
-    "/var/log",
-    "/var/lib/apt/lists",
-    "/lost+found",
-    "/swapfile",
-];
+/// Beside the factory unprotected area (kernel and runtime file systems, temporary files,
+/// caches, swap, the agent's state: never uploaded, so never in a layer either), what is
+/// regenerated on the device and worth nothing in a layer.
+const EXCLUDED_FROM_LAYERS: &[&str] = &["/var/log", "/var/lib/apt/lists"];
+
+fn excluded(path: &str) -> bool {
+    crate::policy::FACTORY_UNPROTECTED
+        .iter()
+        .filter(|p| !p.contains(crate::policy::HOME_MACRO))
+        .chain(EXCLUDED_FROM_LAYERS)
+        .any(|p| under(path, p))
+}
 
 /// The Linux rules above; the default when no plugin is active.
 #[derive(Clone, Copy, Debug, Default)]
@@ -60,7 +57,7 @@ pub fn classify_path(path: &str) -> Disposition {
         (DispositionKind::MachineIdentity, ConflictPolicy::KeepDevice)
     } else if USER_AREAS.iter().any(|p| under(path, p)) {
         (DispositionKind::UserArea, ConflictPolicy::KeepDevice)
-    } else if EXCLUDED.iter().any(|p| under(path, p)) {
+    } else if excluded(path) {
         (DispositionKind::Exclude, ConflictPolicy::Skip)
     } else {
         (DispositionKind::Layer, ConflictPolicy::LayerWins)

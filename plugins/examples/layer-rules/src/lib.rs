@@ -10,6 +10,7 @@ const MACHINE_IDENTITY: &[&str] = &[
 ];
 const MACHINE_IDENTITY_PREFIX: &[&str] = &["/etc/ssh/ssh_host_"];
 const USER_AREAS: &[&str] = &["/home", "/root"];
+/// Morgana's factory unprotected area (never uploaded), then what is regenerated on a device.
 const EXCLUDED: &[&str] = &[
     "/proc",
     "/sys",
@@ -18,10 +19,12 @@ const EXCLUDED: &[&str] = &[
     "/tmp",
     "/var/tmp",
     "/var/cache",
-    "/var/log",
-    "/var/lib/apt/lists",
+    "/var/lib/morgana-agent",
     "/lost+found",
     "/swapfile",
+    "/swap.img",
+    "/var/log",
+    "/var/lib/apt/lists",
 ];
 
 fn under(path: &str, prefix: &str) -> bool {
