@@ -143,19 +143,12 @@ pub async fn target_of(
     catalog: &dyn Catalog,
     job: &ApplyJob,
 ) -> Result<(Flat, Vec<Vec<u8>>), AssignError> {
-    let mut target = flatten(catalog, job.base.root).await?;
+    let base = flatten(catalog, job.base.root).await?;
+    let mut apps = Vec::new();
     for app in &job.apps {
-        let overlay = flatten(catalog, app.root).await?;
-        image::overlay(&mut target, overlay, &app.deletions);
+        apps.push((flatten(catalog, app.root).await?, app.deletions.as_slice()));
     }
-    let mut kept = Vec::new();
-    for p in &job.do_not_override {
-        if target.contains_key(p) {
-            kept.push(p.clone());
-        }
-        image::remove_under(&mut target, p);
-    }
-    Ok((target, kept))
+    Ok(image::target(base, apps, &job.do_not_override))
 }
 
 /// An apply job with what the dry run compares.

@@ -57,6 +57,27 @@ pub fn overlay(image: &mut Flat, layer: Flat, deletions: &[Vec<u8>]) {
     }
 }
 
+/// The image a set of layers makes: the base with each app layer laid over it in order,
+/// without the do-not-override paths; with those of them the layers have.
+pub fn target(
+    base: Flat,
+    apps: Vec<(Flat, &[Vec<u8>])>,
+    do_not_override: &[Vec<u8>],
+) -> (Flat, Vec<Vec<u8>>) {
+    let mut image = base;
+    for (app, deletions) in apps {
+        overlay(&mut image, app, deletions);
+    }
+    let mut kept = Vec::new();
+    for p in do_not_override {
+        if image.contains_key(p) {
+            kept.push(p.clone());
+        }
+        remove_under(&mut image, p);
+    }
+    (image, kept)
+}
+
 /// Trees for `flat`: the root's id and every tree (new or not) by id. Entries whose parent
 /// is missing or not a directory are left out (an overlay cannot place them).
 pub fn build(flat: &Flat) -> (Id, HashMap<Id, Tree>) {
