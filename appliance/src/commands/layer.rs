@@ -109,6 +109,15 @@ pub enum LayerCommand {
         #[command(flatten)]
         dir: DirArgs,
     },
+    /// The layers assigned to a device and the ones its last apply put there.
+    Status {
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        dir: DirArgs,
+    },
     /// Return a device to the system state before its last layer apply (user data written
     /// since stays).
     Rollback {
@@ -263,6 +272,12 @@ pub async fn layer(cmd: LayerCommand) -> anyhow::Result<()> {
                 json,
             };
             let result = assign(catalog.as_ref(), &req).await;
+            catalog.close().await;
+            result?;
+        }
+        LayerCommand::Status { device, json, dir } => {
+            let (_, catalog) = open(&dir).await?;
+            let result = status(catalog.as_ref(), &device, json).await;
             catalog.close().await;
             result?;
         }
@@ -649,5 +664,32 @@ async fn rollback(catalog: &dyn Catalog, device: &str) -> anyhow::Result<()> {
     )
     .await?;
     println!("{}", job.id);
+    Ok(())
+}
+
+async fn status(catalog: &dyn Catalog, device: &str, json: bool) -> anyhow::Result<()> {
+    let id = resolve_device(catalog, device).await?;
+    let assigned = catalog.layer_assignment(&id).await?;
+    let applied = catalog.applied_layers(&id).await?;
+    let layers = |a: &morgana_core::control::ApplyJob| {
+        let mut v = vec![format!("{}:{}", a.base.name, a.base.version)];
+        v.extend(a.apps.iter().map(|l| format!("{}:{}", l.name, l.version)));
+        v
+    };
+    let value = serde_json::json!({
+        "device": id,
+        "assigned": assigned,
+        "applied": applied.as_ref().map(|a| serde_json::json!({
+            "layers": layers(&a.applied),
+            "job": a.job_id,
+            "at": a.applied_at,
+            "previous": a.previous.as_ref().map(layers),
+        })),
+    });
+    if json {
+        println!("{value}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    }
     Ok(())
 }
