@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::Client;
 use crate::commands::restore::{ClientSource, human};
-use crate::restore::{self, BlobSource, Keep, OnBlob, Progress, Request, RestoreError};
 use crate::jobs::remove_any;
+use crate::restore::{self, BlobSource, Keep, OnBlob, Progress, Request, RestoreError};
 use crate::state::{State, SyncLock};
 use crate::sync::sync_locked;
 
@@ -141,7 +141,10 @@ pub async fn run(
             continue;
         }
         if restore::parse_subpath(Path::new(std::ffi::OsStr::from_bytes(rel))).is_err() {
-            tracing::warn!("skipping a hostile path in the removal list: {}", restore::show(p));
+            tracing::warn!(
+                "skipping a hostile path in the removal list: {}",
+                restore::show(p)
+            );
             continue;
         }
         let path = root.join(std::ffi::OsStr::from_bytes(rel));
@@ -155,7 +158,11 @@ pub async fn run(
     Ok(format!(
         "{}layers applied (the state before is snapshot {}): {} files ({}) written, {} folders, \
          {} stale paths removed, {} fetched, {} leftovers of an interrupted apply cleaned",
-        if resuming { "interrupted apply resumed: " } else { "" },
+        if resuming {
+            "interrupted apply resumed: "
+        } else {
+            ""
+        },
         journal.pre_snapshot.unwrap_or_default(),
         done.stats.files,
         human(done.stats.bytes),
@@ -184,14 +191,17 @@ fn keep(state: &State, root: &Path, job: &ApplyJob) -> anyhow::Result<Keep> {
         .context("the held policy's user area is unusable")?;
     let state_rel = root.canonicalize().ok().and_then(|root| {
         let dir = state.dir.canonicalize().ok()?;
-        Some(dir.strip_prefix(&root).ok()?.as_os_str().as_bytes().to_vec())
+        Some(
+            dir.strip_prefix(&root)
+                .ok()?
+                .as_os_str()
+                .as_bytes()
+                .to_vec(),
+        )
     });
     let dno = job.do_not_override.clone();
     Ok(Keep(Arc::new(move |rel: &[u8]| {
-        if state_rel
-            .as_ref()
-            .is_some_and(|s| image::is_within(rel, s))
-        {
+        if state_rel.as_ref().is_some_and(|s| image::is_within(rel, s)) {
             return true;
         }
         let mut abs = Vec::with_capacity(rel.len() + 1);
@@ -229,10 +239,7 @@ fn write_target(
     let (target, _) = image::target(base, apps, &job.do_not_override);
     let (tree_root, trees) = image::build(&target);
     let source = WithTrees {
-        trees: trees
-            .into_iter()
-            .map(|(id, t)| (id, t.encode()))
-            .collect(),
+        trees: trees.into_iter().map(|(id, t)| (id, t.encode())).collect(),
         inner: source,
     };
     let mut req = Request::new(

@@ -48,7 +48,9 @@ pub fn parse_pin(s: &str) -> Result<(String, Option<u32>), AssignError> {
     match s.rsplit_once(':') {
         Some((name, v)) => match v.parse() {
             Ok(v) => Ok((name.to_owned(), Some(v))),
-            Err(_) => Err(AssignError::NoLayer(format!("{s} (the version after `:` must be a number)"))),
+            Err(_) => Err(AssignError::NoLayer(format!(
+                "{s} (the version after `:` must be a number)"
+            ))),
         },
         None => Ok((s.to_owned(), None)),
     }
@@ -345,7 +347,10 @@ pub async fn dry_run(
 }
 
 /// Packages the layer has in an older version than the device.
-fn downgrades(layer: &BTreeMap<String, String>, device: &BTreeMap<String, String>) -> Vec<Conflict> {
+fn downgrades(
+    layer: &BTreeMap<String, String>,
+    device: &BTreeMap<String, String>,
+) -> Vec<Conflict> {
     layer
         .iter()
         .filter_map(|(name, v)| {

@@ -1,8 +1,8 @@
 //! `morgana`: the Morgana appliance in one binary.
 
 mod alerts;
-mod assign;
 mod api;
+mod assign;
 mod auth;
 mod catalog;
 mod clock;

@@ -178,7 +178,10 @@ mod tests {
             paths,
             [&b"/etc"[..], b"/etc/a", b"/etc/b", b"/opt", b"/opt/old"]
         );
-        assert_eq!(image[&b"/etc/a".to_vec()].content, Content::Inline(b"app".to_vec()));
+        assert_eq!(
+            image[&b"/etc/a".to_vec()].content,
+            Content::Inline(b"app".to_vec())
+        );
         overlay(&mut image, Flat::new(), &[b"/etc".to_vec()]);
         assert_eq!(image.len(), 2);
     }

@@ -112,7 +112,15 @@ fn layers_deploy_to_targets_keep_their_own_and_roll_back() -> Result<()> {
     reference.sync()?;
     morgana_ok(
         &appliance,
-        &["layer", "capture-app", "app", "--device", &ref_id, "--before", &before],
+        &[
+            "layer",
+            "capture-app",
+            "app",
+            "--device",
+            &ref_id,
+            "--before",
+            &before,
+        ],
     )?;
     let image_v1 = under(&contents(&refroot)?, &["usr", "var", "etc/app.conf"]);
 
@@ -124,7 +132,11 @@ fn layers_deploy_to_targets_keep_their_own_and_roll_back() -> Result<()> {
         write(&root, "etc/hostname", format!("t{n}\n").as_bytes())?;
         write(&root, "etc/machine-id", format!("machine-{n}\n").as_bytes())?;
         write(&root, "home/user/doc.txt", format!("user {n}").as_bytes())?;
-        write(&root, "opt/mine/tool", format!("installed by {n}").as_bytes())?;
+        write(
+            &root,
+            "opt/mine/tool",
+            format!("installed by {n}").as_bytes(),
+        )?;
         write(&root, "usr/bin/tool", b"an old tool")?;
         if n == 1 {
             write(&root, "etc/app.conf", b"level = 99 # the user's\n")?;
@@ -180,7 +192,9 @@ fn layers_deploy_to_targets_keep_their_own_and_roll_back() -> Result<()> {
     let t1 = &devices[0];
     let conflicts = t1["conflicts"].as_array().unwrap();
     assert!(
-        conflicts.iter().any(|c| c["kind"] == "user-changed" && c["path"] == "/etc/app.conf"),
+        conflicts
+            .iter()
+            .any(|c| c["kind"] == "user-changed" && c["path"] == "/etc/app.conf"),
         "{t1}"
     );
     assert!(
@@ -196,20 +210,37 @@ fn layers_deploy_to_targets_keep_their_own_and_roll_back() -> Result<()> {
             .any(|p| p == "/usr/share/app/data-v1"),
         "{t1}"
     );
-    assert!(t1["replace"].as_array().unwrap().iter().any(|p| p == "/usr/bin/tool"));
+    assert!(
+        t1["replace"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "/usr/bin/tool")
+    );
     assert!(t1["download_bytes"].as_u64().unwrap() > 0, "{t1}");
     assert!(devices.iter().all(|d| d["job"].is_null()));
 
     // Apply: each target is base ⊕ app ⊕ its own files.
     let applied = assign(&[])?;
     for (t, d) in targets.iter().zip(applied["devices"].as_array().unwrap()) {
-        wait_ok(&appliance, t.daemon.as_ref().unwrap(), d["job"].as_str().unwrap())?;
+        wait_ok(
+            &appliance,
+            t.daemon.as_ref().unwrap(),
+            d["job"].as_str().unwrap(),
+        )?;
     }
     for (t, own) in targets.iter().zip(&owns) {
         let mut want = image_v1.clone();
         want.extend(own.clone());
-        assert_eq!(contents(&t.root)?.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
-        assert!(contents(&t.root)? == want, "{} differs from the image", t.id);
+        assert_eq!(
+            contents(&t.root)?.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>()
+        );
+        assert!(
+            contents(&t.root)? == want,
+            "{} differs from the image",
+            t.id
+        );
     }
     assert!(image_v1.len() > base_files.len());
     let after_first = contents(&targets[0].root)?;
@@ -220,8 +251,15 @@ fn layers_deploy_to_targets_keep_their_own_and_roll_back() -> Result<()> {
         )?)?)
     };
     let st = status(&targets[0].id)?;
-    assert_eq!(st["applied"]["layers"], serde_json::json!(["base:1", "app:1"]), "{st}");
-    assert_eq!(st["assigned"]["assignment"]["apps"][0]["version"], 1, "{st}");
+    assert_eq!(
+        st["applied"]["layers"],
+        serde_json::json!(["base:1", "app:1"]),
+        "{st}"
+    );
+    assert_eq!(
+        st["assigned"]["assignment"]["apps"][0]["version"], 1,
+        "{st}"
+    );
 
     // App v2 replaces v1: a changed program, new data, v1's data gone.
     fs::remove_file(refroot.join("usr/share/app/data-v1"))?;
@@ -230,20 +268,43 @@ fn layers_deploy_to_targets_keep_their_own_and_roll_back() -> Result<()> {
     reference.sync()?;
     morgana_ok(
         &appliance,
-        &["layer", "capture-app", "app", "--device", &ref_id, "--before", &before],
+        &[
+            "layer",
+            "capture-app",
+            "app",
+            "--device",
+            &ref_id,
+            "--before",
+            &before,
+        ],
     )?;
     let image_v2 = under(&contents(&refroot)?, &["usr", "var", "etc/app.conf"]);
     let t1 = &targets[0];
+    // The dry run compares with the newest snapshot: one after the first apply.
+    t1.agent.sync()?;
     let out: Value = serde_json::from_str(&morgana_ok(
         &appliance,
-        &["layer", "assign", "--device", &t1.id, "--base", "base", "--app", "app:2", "--json"],
+        &[
+            "layer", "assign", "--device", &t1.id, "--base", "base", "--app", "app:2", "--json",
+        ],
     )?)?;
     let dev = &out["devices"][0];
-    assert_eq!(dev["remove"], serde_json::json!(["/usr/share/app/data-v1"]), "{dev}");
-    wait_ok(&appliance, t1.daemon.as_ref().unwrap(), dev["job"].as_str().unwrap())?;
+    assert_eq!(
+        dev["remove"],
+        serde_json::json!(["/usr/share/app/data-v1"]),
+        "{dev}"
+    );
+    wait_ok(
+        &appliance,
+        t1.daemon.as_ref().unwrap(),
+        dev["job"].as_str().unwrap(),
+    )?;
     let mut want = image_v2.clone();
     want.extend(owns[0].clone());
-    assert!(contents(&t1.root)? == want, "second app version not applied exactly");
+    assert!(
+        contents(&t1.root)? == want,
+        "second app version not applied exactly"
+    );
     assert!(!t1.root.join("usr/share/app/data-v1").exists());
 
     // Rollback: the system as before the second apply; user data written since stays.
@@ -251,10 +312,20 @@ fn layers_deploy_to_targets_keep_their_own_and_roll_back() -> Result<()> {
     let job = morgana_ok(&appliance, &["layer", "rollback", "--device", &t1.id])?;
     wait_ok(&appliance, t1.daemon.as_ref().unwrap(), job.trim())?;
     let mut want = after_first.clone();
-    want.insert("home/user/since.txt".into(), b"written after the update".to_vec());
-    assert!(contents(&t1.root)? == want, "rollback did not restore the previous system");
+    want.insert(
+        "home/user/since.txt".into(),
+        b"written after the update".to_vec(),
+    );
+    assert!(
+        contents(&t1.root)? == want,
+        "rollback did not restore the previous system"
+    );
     let st = status(&t1.id)?;
-    assert_eq!(st["applied"]["layers"], serde_json::json!(["base:1", "app:1"]), "{st}");
+    assert_eq!(
+        st["applied"]["layers"],
+        serde_json::json!(["base:1", "app:1"]),
+        "{st}"
+    );
 
     // Killed in the middle of an apply: the restarted agent finishes it.
     let t2 = &mut targets[1];
@@ -267,7 +338,9 @@ fn layers_deploy_to_targets_keep_their_own_and_roll_back() -> Result<()> {
     )?);
     let out: Value = serde_json::from_str(&morgana_ok(
         &appliance,
-        &["layer", "assign", "--device", &t2.id, "--base", "base", "--app", "app:2", "--json"],
+        &[
+            "layer", "assign", "--device", &t2.id, "--base", "base", "--app", "app:2", "--json",
+        ],
     )?)?;
     let job = out["devices"][0]["job"].as_str().unwrap().to_owned();
     let journal = t2.agent.state_dir.join("apply-journal.json");
@@ -287,7 +360,10 @@ fn layers_deploy_to_targets_keep_their_own_and_roll_back() -> Result<()> {
     wait_ok(&appliance, t2.daemon.as_ref().unwrap(), &job)?;
     let mut want = image_v2.clone();
     want.extend(owns[1].clone());
-    assert!(contents(&t2.root)? == want, "the resumed apply is not complete");
+    assert!(
+        contents(&t2.root)? == want,
+        "the resumed apply is not complete"
+    );
     assert!(!journal.exists());
     let log = t2.daemon.as_ref().unwrap().log();
     assert!(log.contains("resuming an interrupted layer apply"), "{log}");

@@ -70,7 +70,12 @@ async fn set(catalog: &dyn Catalog, name: &str, devices: &[String]) -> anyhow::R
         }
     }
     catalog
-        .save_group(name, &ids, &crate::clock::rfc3339_ms(crate::clock::now_ms()), "cli")
+        .save_group(
+            name,
+            &ids,
+            &crate::clock::rfc3339_ms(crate::clock::now_ms()),
+            "cli",
+        )
         .await?;
     crate::events::record(
         catalog,

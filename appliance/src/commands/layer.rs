@@ -10,11 +10,11 @@ use morgana_core::tree::{Content, Kind};
 use morgana_core::wire::SnapshotInfo;
 
 use crate::catalog::{Assignment, Catalog, Device, LayerRecord, SqliteCatalog};
-use morgana_core::control::{JobKind, RestoreJob, RestoreScope};
 use crate::config::{DEFAULT_DATA_DIR, DataDir};
 use crate::hooks::Hooks;
 use crate::layers::{self, Env, Request};
 use crate::store::{PackStore, load_tree};
+use morgana_core::control::{JobKind, RestoreJob, RestoreScope};
 
 #[derive(Debug, clap::Args)]
 pub struct DirArgs {
@@ -495,7 +495,10 @@ pub(crate) async fn resolve_device(catalog: &dyn Catalog, d: &str) -> anyhow::Re
         many => bail!(
             "{d} names {} devices ({}): pass a device id instead",
             many.len(),
-            many.iter().map(|d| d.id.as_str()).collect::<Vec<_>>().join(", ")
+            many.iter()
+                .map(|d| d.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -556,14 +559,19 @@ async fn assign(catalog: &dyn Catalog, req: &AssignArgs<'_>) -> anyhow::Result<(
     let mut jobs = Vec::new();
     if !req.dry_run {
         let now = crate::clock::rfc3339_ms(crate::clock::now_ms());
-        catalog.assign_layers(&ids, &assignment, &now, "cli").await?;
+        catalog
+            .assign_layers(&ids, &assignment, &now, "cli")
+            .await?;
         for (id, plan) in ids.iter().zip(plans) {
             crate::events::record(
                 catalog,
                 crate::events::NewEvent::system(
                     "layer.assigned",
                     crate::events::Severity::Info,
-                    format!("layers assigned to {id}: {}", describe_assignment(&assignment)),
+                    format!(
+                        "layers assigned to {id}: {}",
+                        describe_assignment(&assignment)
+                    ),
                 )
                 .for_device(id)
                 .by("cli"),
@@ -628,7 +636,10 @@ fn describe_assignment(a: &Assignment) -> String {
         s.push_str(&format!(" + app {} v{}", app.name, app.version));
     }
     if !a.do_not_override.is_empty() {
-        s.push_str(&format!(", never overriding {}", a.do_not_override.join(", ")));
+        s.push_str(&format!(
+            ", never overriding {}",
+            a.do_not_override.join(", ")
+        ));
     }
     s
 }
@@ -636,7 +647,9 @@ fn describe_assignment(a: &Assignment) -> String {
 async fn rollback(catalog: &dyn Catalog, device: &str) -> anyhow::Result<()> {
     let id = resolve_device(catalog, device).await?;
     if catalog.applied_layers(&id).await?.is_none() {
-        bail!("device {device} has no applied layers to roll back (see `morgana job list --device {id}`)");
+        bail!(
+            "device {device} has no applied layers to roll back (see `morgana job list --device {id}`)"
+        );
     }
     let Some(snapshot) = catalog
         .device_snapshots(&id)

@@ -94,7 +94,10 @@ impl SqliteCatalog {
         tx.commit().await.map_err(q(DOING))
     }
 
-    pub(super) async fn assignments_one(&self, device_id: &str) -> Result<Option<AssignmentRecord>> {
+    pub(super) async fn assignments_one(
+        &self,
+        device_id: &str,
+    ) -> Result<Option<AssignmentRecord>> {
         let row = sqlx::query(
             "SELECT device_id, assignment, assigned, assigned_by FROM layer_assignments \
              WHERE device_id = ?",
@@ -168,7 +171,12 @@ impl SqliteCatalog {
         .transpose()
     }
 
-    pub(super) async fn applied_roll_back(&self, device_id: &str, job_id: &str, now: &str) -> Result<()> {
+    pub(super) async fn applied_roll_back(
+        &self,
+        device_id: &str,
+        job_id: &str,
+        now: &str,
+    ) -> Result<()> {
         const DOING: &str = "rolling back applied layers";
         let mut tx = self.write_tx(DOING).await?;
         // What the device had before the last apply is what it has again; with nothing
