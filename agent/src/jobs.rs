@@ -56,7 +56,15 @@ pub async fn run(
                 human(s.bytes_sent)
             ))
         }
-        JobKind::Restore(r) => {
+        JobKind::ApplyLayers(a) => {
+            let lock = sync::lock(state, || {
+                tracing::info!("a sync is running; the layer apply waits for it to finish")
+            })
+            .await?;
+            crate::apply::run(state, client, job_id, a, live, bar, &lock).await
+        }
+        // A rollback is a system-only revert to the pre-layer-update snapshot.
+        JobKind::Restore(r) | JobKind::RollbackLayers(r) => {
             let lock = sync::lock(state, || {
                 tracing::info!("a sync is running; the restore waits for it to finish")
             })
@@ -302,15 +310,17 @@ fn subpath(p: &str) -> anyhow::Result<Vec<Vec<u8>>> {
     Ok(restore::parse_subpath(Path::new(rel))?)
 }
 
-/// Removes a file, symlink or folder (not following symlinks); nothing there is fine.
-fn remove_any(p: &Path) -> anyhow::Result<()> {
+/// Removes a file, symlink or folder (not following symlinks); true if something was there,
+/// and nothing there is fine.
+pub(crate) fn remove_any(p: &Path) -> anyhow::Result<bool> {
     let removed = match std::fs::symlink_metadata(p) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => Err(e),
         Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
         Ok(_) => std::fs::remove_file(p),
     };
-    removed.with_context(|| format!("cannot remove {} to make room", p.display()))
+    removed.with_context(|| format!("cannot remove {} to make room", p.display()))?;
+    Ok(true)
 }
 
 fn add(total: &mut Stats, s: &Stats) {

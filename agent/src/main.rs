@@ -1,5 +1,6 @@
 //! `morgana-agent`: the endpoint side of Morgana.
 
+mod apply;
 mod cache;
 mod client;
 mod commands;

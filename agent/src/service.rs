@@ -118,6 +118,13 @@ pub async fn run(state: State, opts: Options) -> anyhow::Result<()> {
     let data = Arc::new(Client::for_device(&state)?);
     let control = Arc::new(Client::for_device(&state)?);
     let shared = Arc::new(Shared::default());
+    // An apply a kill interrupted is finished first; the heartbeat names it as running from
+    // the start, so the appliance does not fail it as abandoned.
+    let resume = crate::apply::pending(&state);
+    if let Some(job) = &resume {
+        warn!(job = %job.id, "resuming an interrupted layer apply");
+        shared.set_running(Some(job.id.clone()));
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     info!(device = %device.device_id, root = %device.root.display(), server = %device.server, "agent service started");
     // Joined, not spawned: the loops run on this task and stop together.
@@ -134,7 +141,7 @@ pub async fn run(state: State, opts: Options) -> anyhow::Result<()> {
             shared.clone(),
             stop_rx.clone()
         ),
-        jobs(state, data, control, shared, stop_rx),
+        jobs(state, data, control, shared, resume, stop_rx),
         async move {
             shutdown_signal().await;
             info!("stopping: abandoning the current step");
@@ -303,8 +310,14 @@ async fn jobs(
     data: Arc<Client>,
     control: Arc<Client>,
     shared: Arc<Shared>,
+    resume: Option<morgana_core::control::Job>,
     mut stop: watch::Receiver<bool>,
 ) {
+    if let Some(job) = resume
+        && run_job(&state, &data, &control, &shared, job, &mut stop).await
+    {
+        return;
+    }
     let mut backoff = Backoff::new(BACKOFF_MAX);
     loop {
         let polled = tokio::select! {

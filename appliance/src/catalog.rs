@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use async_trait::async_trait;
 use morgana_core::Id;
-use morgana_core::control::{Inventory, JobKind, JobProgress, JobReport, JobState};
+use morgana_core::control::{ApplyJob, Inventory, JobKind, JobProgress, JobReport, JobState};
 use morgana_core::pack::PackEntry;
 use morgana_core::plugin::Hook;
 use morgana_core::plugin::types::LayerKind;
@@ -342,6 +342,40 @@ pub trait Catalog: Send + Sync {
     /// `(seq, root)` of layers with `seq > after_seq`, in seq order.
     async fn layer_roots_page(&self, after_seq: i64, limit: u32) -> Result<Vec<(i64, Id)>>;
 
+    /// Creates or replaces a saved device group.
+    async fn save_group(&self, name: &str, devices: &[String], now: &str, by: &str) -> Result<()>;
+
+    /// Every device group with its device ids, by name.
+    async fn groups(&self) -> Result<Vec<(String, Vec<String>)>>;
+
+    /// Records `assignment` for every device in one transaction, replacing earlier ones.
+    async fn assign_layers(
+        &self,
+        device_ids: &[String],
+        assignment: &Assignment,
+        now: &str,
+        by: &str,
+    ) -> Result<()>;
+
+    /// The layers assigned to a device, if any.
+    async fn layer_assignment(&self, device_id: &str) -> Result<Option<AssignmentRecord>>;
+
+    /// Records what a successful apply job put on the device; the layers it had before
+    /// become the ones a rollback returns to.
+    async fn record_applied(
+        &self,
+        device_id: &str,
+        job_id: &str,
+        applied: &ApplyJob,
+        now: &str,
+    ) -> Result<()>;
+
+    /// The layers the device has, as its last successful apply left them.
+    async fn applied_layers(&self, device_id: &str) -> Result<Option<AppliedRecord>>;
+
+    /// After a rollback job succeeded: the device has the layers it had before again.
+    async fn roll_back_applied(&self, device_id: &str, job_id: &str, now: &str) -> Result<()>;
+
     // ---- Upload policies and alerts (issue 3) ----
 
     /// Saves `spec` as the next version of policy `name` (creating it), which is then the
@@ -517,6 +551,42 @@ pub struct NewLayer {
     pub created: String,
     /// `cli`, `user:NAME`, …
     pub created_by: String,
+}
+
+/// A layer named by name and version.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerPin {
+    pub name: String,
+    pub version: u32,
+}
+
+/// What an Image Manager wants a device to have.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Assignment {
+    pub base: LayerPin,
+    /// In order: a later layer wins.
+    pub apps: Vec<LayerPin>,
+    /// Absolute paths the layers never replace or remove.
+    pub do_not_override: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AssignmentRecord {
+    pub device_id: String,
+    pub assignment: Assignment,
+    /// RFC 3339 UTC.
+    pub assigned: String,
+    pub assigned_by: String,
+}
+
+/// What the last successful apply put on a device, and what it replaced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedRecord {
+    pub device_id: String,
+    pub applied: ApplyJob,
+    pub previous: Option<ApplyJob>,
+    pub job_id: String,
+    pub applied_at: String,
 }
 
 /// One recorded layer version.

@@ -6,6 +6,7 @@ pub mod device;
 pub mod enroll_token;
 pub mod events;
 pub mod gc;
+pub mod group;
 pub mod job;
 pub mod layer;
 pub mod plugin;

@@ -73,6 +73,16 @@ pub fn describe(kind: &JobKind) -> String {
                 }
             }
         }
+        JobKind::ApplyLayers(a) => {
+            let mut layers = format!("{} v{}", a.base.name, a.base.version);
+            for app in &a.apps {
+                layers.push_str(&format!(" + {} v{}", app.name, app.version));
+            }
+            format!("apply layers {layers}")
+        }
+        JobKind::RollbackLayers(r) => {
+            format!("layer rollback to snapshot {} (user data kept)", r.snapshot)
+        }
     }
 }
 

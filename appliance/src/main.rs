@@ -2,6 +2,7 @@
 
 mod alerts;
 mod api;
+mod assign;
 mod auth;
 mod catalog;
 mod clock;
@@ -56,6 +57,9 @@ enum Command {
     /// Capture, list and show base and app layers.
     #[command(subcommand)]
     Layer(commands::layer::LayerCommand),
+    /// Saved device groups, for assigning layers to many devices at once.
+    #[command(subcommand)]
+    Group(commands::group::Command),
     /// Enrolled devices: status, last seen, inventory.
     #[command(subcommand)]
     Device(commands::device::Command),
@@ -119,6 +123,7 @@ fn main() -> ExitCode {
             Command::Layer(cmd) => commands::layer::layer(cmd)
                 .await
                 .map(|()| ExitCode::SUCCESS),
+            Command::Group(cmd) => commands::group::run(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Plugin(cmd) => commands::plugin::run(cmd).await,
             Command::Policy(cmd) => commands::policy::run(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Alerts(cmd) => commands::alerts::run(cmd).await.map(|()| ExitCode::SUCCESS),

@@ -151,6 +151,40 @@ pub enum JobKind {
     /// Take a snapshot now (reason `manual`).
     Sync,
     Restore(RestoreJob),
+    /// Make the device base ⊕ apps, keeping its user area, identity and own files; first a
+    /// `pre-layer-update` snapshot. Rolling back is a system-only [`RestoreJob`] to it.
+    ApplyLayers(ApplyJob),
+    /// Undo the last apply: a system-only revert to its `pre-layer-update` snapshot (user
+    /// data written since stays); the appliance then records the layers the device had.
+    RollbackLayers(RestoreJob),
+}
+
+/// One layer version as an apply needs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRef {
+    pub name: String,
+    pub version: u32,
+    /// The layer's tree: a base layer's files, an app layer's added and changed ones.
+    pub root: Id,
+    /// App layers: absolute paths the layer removes (raw bytes: names need not be UTF-8).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deletions: Vec<Vec<u8>>,
+}
+
+/// Layers to apply, and what the previously applied ones leave behind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyJob {
+    pub base: LayerRef,
+    /// In order: a later layer wins over an earlier one.
+    #[serde(default)]
+    pub apps: Vec<LayerRef>,
+    /// Absolute paths the layers never write, replace or remove.
+    #[serde(default)]
+    pub do_not_override: Vec<Vec<u8>>,
+    /// Paths the previously applied layers put on the device that the new ones lack, so
+    /// the apply removes them (files the user installed are in no layer, so never here).
+    #[serde(default)]
+    pub remove: Vec<Vec<u8>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

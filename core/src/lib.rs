@@ -4,8 +4,10 @@
 
 pub mod chunker;
 pub mod control;
+pub mod dpkg;
 pub mod duration;
 pub mod id;
+pub mod image;
 pub mod pack;
 pub mod plugin;
 pub mod policy;

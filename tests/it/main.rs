@@ -6,6 +6,7 @@ mod damage;
 mod dedup;
 mod fidelity;
 mod gc;
+mod image;
 mod layers;
 mod plugins;
 mod policy;

@@ -10,7 +10,7 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use morgana_core::control::{
-    Heartbeat, HeartbeatReply, Job, JobReport, JobState, MAX_JOB_WAIT_SECS, NextJob,
+    Heartbeat, HeartbeatReply, Job, JobKind, JobReport, JobState, MAX_JOB_WAIT_SECS, NextJob,
 };
 use tokio::sync::Notify;
 use tracing::{info, warn};
@@ -267,9 +267,49 @@ pub(super) async fn report_job(
         ));
     };
     if job.finished_ms.is_some() {
+        if job.state == JobState::Succeeded {
+            record_layers(catalog, &job).await;
+        }
         record_outcome(catalog, &device.hostname, &job).await;
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// After a successful apply or rollback: which layers the device has now.
+/// The job's outcome is stored already, so a failure here is logged, not answered: the
+/// agent could do nothing about it.
+async fn record_layers(catalog: &dyn Catalog, job: &JobRecord) {
+    let now = crate::clock::rfc3339_ms(crate::clock::now_ms());
+    let recorded = match &job.kind {
+        JobKind::ApplyLayers(applied) => {
+            catalog
+                .record_applied(&job.device_id, &job.id, applied, &now)
+                .await
+        }
+        JobKind::RollbackLayers(_) => {
+            catalog
+                .roll_back_applied(&job.device_id, &job.id, &now)
+                .await
+        }
+        _ => Ok(()),
+    };
+    if let Err(e) = recorded {
+        warn!(job = %job.id, "recording the device's layers failed: {e}");
+        crate::events::record(
+            catalog,
+            NewEvent::system(
+                "layer.record-failed",
+                Severity::Error,
+                format!(
+                    "job {} succeeded but recording the device's layers failed: {e}; the next \
+                     dry run compares against the layers recorded before",
+                    job.id
+                ),
+            )
+            .for_device(&job.device_id),
+        )
+        .await;
+    }
 }
 
 /// `job.succeeded` (info) or `job.failed` (error, with the agent's message).

@@ -27,6 +27,7 @@ use morgana_core::control::JobReport;
 use morgana_core::plugin::Hook;
 
 mod accounts;
+mod assignments;
 mod events;
 mod jobs;
 mod layers;
@@ -1113,6 +1114,46 @@ impl Catalog for SqliteCatalog {
 
     async fn layer_roots_page(&self, after_seq: i64, limit: u32) -> Result<Vec<(i64, Id)>> {
         self.layers_roots_page(after_seq, limit).await
+    }
+
+    async fn save_group(&self, name: &str, devices: &[String], now: &str, by: &str) -> Result<()> {
+        self.groups_save(name, devices, now, by).await
+    }
+
+    async fn groups(&self) -> Result<Vec<(String, Vec<String>)>> {
+        self.groups_all().await
+    }
+
+    async fn assign_layers(
+        &self,
+        device_ids: &[String],
+        assignment: &super::Assignment,
+        now: &str,
+        by: &str,
+    ) -> Result<()> {
+        self.assignments_set(device_ids, assignment, now, by).await
+    }
+
+    async fn layer_assignment(&self, device_id: &str) -> Result<Option<super::AssignmentRecord>> {
+        self.assignments_one(device_id).await
+    }
+
+    async fn record_applied(
+        &self,
+        device_id: &str,
+        job_id: &str,
+        applied: &morgana_core::control::ApplyJob,
+        now: &str,
+    ) -> Result<()> {
+        self.applied_record(device_id, job_id, applied, now).await
+    }
+
+    async fn applied_layers(&self, device_id: &str) -> Result<Option<super::AppliedRecord>> {
+        self.applied_one(device_id).await
+    }
+
+    async fn roll_back_applied(&self, device_id: &str, job_id: &str, now: &str) -> Result<()> {
+        self.applied_roll_back(device_id, job_id, now).await
     }
 
     async fn save_policy(

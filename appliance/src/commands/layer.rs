@@ -9,11 +9,12 @@ use morgana_core::plugin::types::LayerKind;
 use morgana_core::tree::{Content, Kind};
 use morgana_core::wire::SnapshotInfo;
 
-use crate::catalog::{Catalog, Device, LayerRecord, SqliteCatalog};
+use crate::catalog::{Assignment, Catalog, Device, LayerRecord, SqliteCatalog};
 use crate::config::{DEFAULT_DATA_DIR, DataDir};
 use crate::hooks::Hooks;
 use crate::layers::{self, Env, Request};
 use crate::store::{PackStore, load_tree};
+use morgana_core::control::{JobKind, RestoreJob, RestoreScope};
 
 #[derive(Debug, clap::Args)]
 pub struct DirArgs {
@@ -82,6 +83,49 @@ pub enum LayerCommand {
         #[command(flatten)]
         dir: DirArgs,
     },
+    /// Give devices a base layer and ordered app layers: prints the dry run, then queues an
+    /// apply job per device (unless --dry-run).
+    Assign {
+        /// A device id or hostname; repeat for more.
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        /// A saved group (`morgana group set`); repeat for more.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// NAME or NAME:VERSION (default: the newest version).
+        #[arg(long)]
+        base: String,
+        /// NAME or NAME:VERSION, in order: a later layer wins. Repeat for more.
+        #[arg(long = "app")]
+        apps: Vec<String>,
+        /// An absolute path the layers never replace or remove. Repeat for more.
+        #[arg(long = "do-not-override")]
+        do_not_override: Vec<String>,
+        /// Only report what applying would do; record and queue nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        dir: DirArgs,
+    },
+    /// The layers assigned to a device and the ones its last apply put there.
+    Status {
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        dir: DirArgs,
+    },
+    /// Return a device to the system state before its last layer apply (user data written
+    /// since stays).
+    Rollback {
+        #[arg(long)]
+        device: String,
+        #[command(flatten)]
+        dir: DirArgs,
+    },
     /// Show one layer version (default: the newest), optionally with every path in it.
     Show {
         name: String,
@@ -97,7 +141,7 @@ pub enum LayerCommand {
     },
 }
 
-async fn open(dir: &DirArgs) -> anyhow::Result<(DataDir, Arc<dyn Catalog>)> {
+pub(crate) async fn open(dir: &DirArgs) -> anyhow::Result<(DataDir, Arc<dyn Catalog>)> {
     let data = DataDir::new(&dir.data_dir);
     data.require_initialised()?;
     let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::open(&data.catalog(), false).await?);
@@ -206,6 +250,42 @@ pub async fn layer(cmd: LayerCommand) -> anyhow::Result<()> {
             let result = layers::capture_app(&env, &req, &before, &after).await;
             catalog.close().await;
             print_captured(&result.context("capturing the app layer failed")?);
+        }
+        LayerCommand::Assign {
+            devices,
+            groups,
+            base,
+            apps,
+            do_not_override,
+            dry_run,
+            json,
+            dir,
+        } => {
+            let (_, catalog) = open(&dir).await?;
+            let req = AssignArgs {
+                devices: &devices,
+                groups: &groups,
+                base: &base,
+                apps: &apps,
+                do_not_override: &do_not_override,
+                dry_run,
+                json,
+            };
+            let result = assign(catalog.as_ref(), &req).await;
+            catalog.close().await;
+            result?;
+        }
+        LayerCommand::Status { device, json, dir } => {
+            let (_, catalog) = open(&dir).await?;
+            let result = status(catalog.as_ref(), &device, json).await;
+            catalog.close().await;
+            result?;
+        }
+        LayerCommand::Rollback { device, dir } => {
+            let (_, catalog) = open(&dir).await?;
+            let result = rollback(catalog.as_ref(), &device).await;
+            catalog.close().await;
+            result?;
         }
         LayerCommand::List { json, dir } => {
             let (_, catalog) = open(&dir).await?;
@@ -404,4 +484,225 @@ async fn list_files(catalog: &dyn Catalog, record: &LayerRecord) -> anyhow::Resu
     }
     out.sort();
     Ok(out)
+}
+
+/// A device id or hostname as exactly one device id.
+pub(crate) async fn resolve_device(catalog: &dyn Catalog, d: &str) -> anyhow::Result<String> {
+    let found = catalog.find_devices(d).await?;
+    match found.as_slice() {
+        [one] => Ok(one.id.clone()),
+        [] => bail!("there is no device {d}: list them with `morgana device list`"),
+        many => bail!(
+            "{d} names {} devices ({}): pass a device id instead",
+            many.len(),
+            many.iter()
+                .map(|d| d.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+struct AssignArgs<'a> {
+    devices: &'a [String],
+    groups: &'a [String],
+    base: &'a str,
+    apps: &'a [String],
+    do_not_override: &'a [String],
+    dry_run: bool,
+    json: bool,
+}
+
+async fn assign(catalog: &dyn Catalog, req: &AssignArgs<'_>) -> anyhow::Result<()> {
+    use crate::assign::{self, parse_pin};
+    let mut ids: Vec<String> = Vec::new();
+    for d in req.devices {
+        let id = resolve_device(catalog, d).await?;
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    let groups = catalog.groups().await?;
+    for g in req.groups {
+        let Some((_, members)) = groups.iter().find(|(n, _)| n == g) else {
+            bail!("there is no device group {g}: list them with `morgana group list`");
+        };
+        for id in members {
+            if !ids.contains(id) {
+                ids.push(id.clone());
+            }
+        }
+    }
+    if ids.is_empty() {
+        bail!("name the devices to assign layers to: --device D (repeatable) or --group G");
+    }
+    assign::check_paths(req.do_not_override)?;
+    let (name, version) = parse_pin(req.base)?;
+    let base = assign::resolve(catalog, &name, version, LayerKind::Base).await?;
+    let mut apps = Vec::new();
+    for a in req.apps {
+        let (name, version) = parse_pin(a)?;
+        apps.push(assign::resolve(catalog, &name, version, LayerKind::App).await?);
+    }
+    let assignment = Assignment {
+        base: assign::pin(&base),
+        apps: apps.iter().map(assign::pin).collect(),
+        do_not_override: req.do_not_override.to_vec(),
+    };
+    let mut plans = Vec::new();
+    let mut reports = Vec::new();
+    for id in &ids {
+        let plan = assign::plan(catalog, id, &assignment).await?;
+        reports.push(assign::dry_run(catalog, id, &plan).await?);
+        plans.push(plan);
+    }
+    let mut jobs = Vec::new();
+    if !req.dry_run {
+        let now = crate::clock::rfc3339_ms(crate::clock::now_ms());
+        catalog
+            .assign_layers(&ids, &assignment, &now, "cli")
+            .await?;
+        for (id, plan) in ids.iter().zip(plans) {
+            crate::events::record(
+                catalog,
+                crate::events::NewEvent::system(
+                    "layer.assigned",
+                    crate::events::Severity::Info,
+                    format!(
+                        "layers assigned to {id}: {}",
+                        describe_assignment(&assignment)
+                    ),
+                )
+                .for_device(id)
+                .by("cli"),
+            )
+            .await;
+            let job =
+                crate::jobs::queue(catalog, id, JobKind::ApplyLayers(plan.job), "cli").await?;
+            jobs.push(job.id);
+        }
+    }
+    if req.json {
+        let list: Vec<_> = reports
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let mut v = serde_json::to_value(r).expect("dry runs serialize");
+                v["job"] = serde_json::json!(jobs.get(i));
+                v
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"assignment": assignment, "devices": list, "dry_run": req.dry_run})
+        );
+        return Ok(());
+    }
+    println!("{}", describe_assignment(&assignment));
+    println!(
+        "{:<18} {:>7} {:>7} {:>7} {:>6} {:>14} {:>9}  job",
+        "device", "add", "replace", "remove", "kept", "download", "conflicts"
+    );
+    for (i, r) in reports.iter().enumerate() {
+        println!(
+            "{:<18} {:>7} {:>7} {:>7} {:>6} {:>14} {:>9}  {}",
+            r.device,
+            r.add.len(),
+            r.replace.len(),
+            r.remove.len(),
+            r.kept.len(),
+            r.download_bytes,
+            r.conflicts.len(),
+            jobs.get(i).map_or("-", String::as_str)
+        );
+    }
+    for r in &reports {
+        for c in &r.conflicts {
+            println!("  {} {:<18} {}: {}", r.device, c.kind, c.path, c.detail);
+        }
+        for k in &r.kept {
+            println!("  {} do-not-override    {k}: kept as it is", r.device);
+        }
+    }
+    if req.dry_run {
+        println!("dry run: nothing recorded or queued");
+    }
+    Ok(())
+}
+
+fn describe_assignment(a: &Assignment) -> String {
+    let mut s = format!("base {} v{}", a.base.name, a.base.version);
+    for app in &a.apps {
+        s.push_str(&format!(" + app {} v{}", app.name, app.version));
+    }
+    if !a.do_not_override.is_empty() {
+        s.push_str(&format!(
+            ", never overriding {}",
+            a.do_not_override.join(", ")
+        ));
+    }
+    s
+}
+
+async fn rollback(catalog: &dyn Catalog, device: &str) -> anyhow::Result<()> {
+    let id = resolve_device(catalog, device).await?;
+    if catalog.applied_layers(&id).await?.is_none() {
+        bail!(
+            "device {device} has no applied layers to roll back (see `morgana job list --device {id}`)"
+        );
+    }
+    let Some(snapshot) = catalog
+        .device_snapshots(&id)
+        .await?
+        .into_iter()
+        .rev()
+        .find(|s| s.reason == "pre-layer-update")
+    else {
+        bail!(
+            "device {device} has no pre-layer-update snapshot to return to; restore an older \
+             snapshot with `morgana job restore {id} --snapshot S --scope system-only`"
+        );
+    };
+    let job = crate::jobs::queue(
+        catalog,
+        &id,
+        JobKind::RollbackLayers(RestoreJob {
+            snapshot: snapshot.id.clone(),
+            source_device: id.clone(),
+            root: snapshot.root,
+            scope: RestoreScope::SystemOnly,
+            target: None,
+        }),
+        "cli",
+    )
+    .await?;
+    println!("{}", job.id);
+    Ok(())
+}
+
+async fn status(catalog: &dyn Catalog, device: &str, json: bool) -> anyhow::Result<()> {
+    let id = resolve_device(catalog, device).await?;
+    let assigned = catalog.layer_assignment(&id).await?;
+    let applied = catalog.applied_layers(&id).await?;
+    let layers = |a: &morgana_core::control::ApplyJob| {
+        let mut v = vec![format!("{}:{}", a.base.name, a.base.version)];
+        v.extend(a.apps.iter().map(|l| format!("{}:{}", l.name, l.version)));
+        v
+    };
+    let value = serde_json::json!({
+        "device": id,
+        "assigned": assigned,
+        "applied": applied.as_ref().map(|a| serde_json::json!({
+            "layers": layers(&a.applied),
+            "job": a.job_id,
+            "at": a.applied_at,
+            "previous": a.previous.as_ref().map(layers),
+        })),
+    });
+    if json {
+        println!("{value}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    }
+    Ok(())
 }
