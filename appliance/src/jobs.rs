@@ -1,9 +1,9 @@
 //! Jobs for agents: queuing one (CLI, web UI, API) and describing them to people. The
 //! agent side of the protocol is in `api::control`; storage is the catalog's.
 
-use morgana_core::control::{JobKind, RestoreScope};
+use morgana_core::control::{JobKind, JobState, RestoreJob, RestoreScope};
 
-use crate::catalog::{Catalog, JobRecord, Result};
+use crate::catalog::{Catalog, CatalogError, JobRecord, Result};
 use crate::events::{NewEvent, Severity};
 
 /// Stores a queued job for `device_id` and records who queued it. A running `serve` finds
@@ -54,6 +54,159 @@ pub fn describe(kind: &JobKind) -> String {
                     format!("restore of {} from {from}{to}", paths.join(", "))
                 }
             }
+        }
+    }
+}
+
+/// A job request that means nothing, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum JobRequestError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "there is no snapshot {0:?}: pick one from the device's snapshot list \
+         (`morgana-agent snapshots` on a device)"
+    )]
+    NoSuchSnapshot(String),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+/// The restore scope a request asks for: `scope` `full` or `system-only` reverts the
+/// device; otherwise `paths` (absolute paths in the snapshot) are restored, into `to` (an
+/// absolute directory on the device) or their original place. `to` alone means the whole
+/// snapshot, into `to`. Refuses combinations that mean nothing.
+pub fn restore_scope(
+    scope: Option<&str>,
+    paths: Vec<String>,
+    to: Option<&str>,
+) -> std::result::Result<RestoreScope, JobRequestError> {
+    let bad = |m: String| Err(JobRequestError::Invalid(m));
+    if let Some(t) = to {
+        check_path(t, "the target folder")?;
+    }
+    for p in &paths {
+        check_path(p, "a path to restore")?;
+    }
+    match scope {
+        Some(s @ ("full" | "system-only")) if !paths.is_empty() => bad(format!(
+            "scope {s} reverts the whole device; leave it out to restore only the paths"
+        )),
+        Some(s @ ("full" | "system-only")) if to.is_some() => bad(format!(
+            "scope {s} reverts the device in place; leave out the target folder (--to), or \
+             restore paths into it"
+        )),
+        Some("full") => Ok(RestoreScope::Full),
+        Some("system-only") => Ok(RestoreScope::SystemOnly),
+        Some(s) if s != "paths" => bad(format!(
+            "{s:?} is not a restore scope: use paths, full or system-only"
+        )),
+        _ if !paths.is_empty() => Ok(RestoreScope::Paths { paths }),
+        _ if to.is_some() => Ok(RestoreScope::Paths {
+            paths: vec!["/".into()],
+        }),
+        _ => bad(
+            "say what to restore: one or more paths (--path P), a target folder (--to DIR) \
+                  for the whole snapshot, or scope full or system-only to revert the device"
+                .into(),
+        ),
+    }
+}
+
+fn check_path(p: &str, what: &str) -> std::result::Result<(), JobRequestError> {
+    let ok = p.starts_with('/')
+        && !p.contains('\0')
+        && !p.split('/').any(|c| c == "..")
+        && p.len() <= 4096;
+    if !ok {
+        return Err(JobRequestError::Invalid(format!(
+            "{what} {p:?} must be an absolute path without `..` (e.g. /home/alice/docs)"
+        )));
+    }
+    Ok(())
+}
+
+/// The restore job for `snapshot_id` (of any device: restoring onto new hardware).
+pub async fn restore_kind(
+    catalog: &dyn Catalog,
+    snapshot_id: &str,
+    scope: RestoreScope,
+    target: Option<String>,
+) -> std::result::Result<JobKind, JobRequestError> {
+    let snap = catalog
+        .snapshot(snapshot_id)
+        .await?
+        .ok_or_else(|| JobRequestError::NoSuchSnapshot(snapshot_id.to_owned()))?;
+    Ok(JobKind::Restore(RestoreJob {
+        snapshot: snap.id,
+        source_device: snap.device_id,
+        root: snap.root,
+        scope,
+        target,
+    }))
+}
+
+/// Whether the job reverts a whole device (a Protection Manager's decision).
+pub fn is_revert(kind: &JobKind) -> bool {
+    matches!(
+        kind,
+        JobKind::Restore(RestoreJob {
+            scope: RestoreScope::Full | RestoreScope::SystemOnly,
+            ..
+        })
+    )
+}
+
+pub fn state_name(s: JobState) -> &'static str {
+    match s {
+        JobState::Queued => "queued",
+        JobState::Running => "running",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+    }
+}
+
+pub fn is_finished(s: JobState) -> bool {
+    matches!(s, JobState::Succeeded | JobState::Failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_map_to_scopes_and_nonsense_is_refused() {
+        assert_eq!(
+            restore_scope(Some("full"), vec![], None).unwrap(),
+            RestoreScope::Full
+        );
+        assert_eq!(
+            restore_scope(Some("system-only"), vec![], None).unwrap(),
+            RestoreScope::SystemOnly
+        );
+        assert_eq!(
+            restore_scope(Some("paths"), vec!["/etc".into()], Some("/srv/x")).unwrap(),
+            RestoreScope::Paths {
+                paths: vec!["/etc".into()]
+            }
+        );
+        assert_eq!(
+            restore_scope(None, vec![], Some("/srv/x")).unwrap(),
+            RestoreScope::Paths {
+                paths: vec!["/".into()]
+            }
+        );
+        for (scope, paths, to, needle) in [
+            (Some("full"), vec!["/etc".to_string()], None, "leave it out"),
+            (Some("full"), vec![], Some("/x"), "leave out the target"),
+            (None, vec![], None, "say what to restore"),
+            (None, vec!["etc".to_string()], None, "absolute"),
+            (None, vec!["/a/../b".to_string()], None, "absolute"),
+            (None, vec!["/a".to_string()], Some("/a/../../b"), "absolute"),
+            (Some("everything"), vec![], None, "not a restore scope"),
+        ] {
+            let err = restore_scope(scope, paths, to).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
         }
     }
 }

@@ -11,7 +11,9 @@
 
 pub mod assets;
 pub mod browse;
+pub mod jobs;
 pub mod ops;
+pub mod portal;
 pub mod ui;
 
 use std::marker::PhantomData;
@@ -57,7 +59,10 @@ impl WebState {
 
 /// The UI and the REST API, to merge into the appliance's router.
 pub fn router(state: WebState) -> Router {
-    let ui = ui::routes().layer(middleware::from_fn(require_csrf));
+    let ui = ui::routes()
+        .merge(jobs::routes())
+        .merge(portal::routes())
+        .layer(middleware::from_fn(require_csrf));
     Router::new()
         .merge(ui)
         .merge(crate::rest::routes())
