@@ -15,13 +15,13 @@ use morgana_e2e::*;
 use serde_json::Value;
 
 /// A running `morgana-agent run`; stopped with SIGTERM by `stop`, killed on drop.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     log: PathBuf,
 }
 
 impl Daemon {
-    fn start(agent: &Agent, sync_every: &str, log: &Path) -> Result<Daemon> {
+    pub(crate) fn start(agent: &Agent, sync_every: &str, log: &Path) -> Result<Daemon> {
         let file = fs::File::create(log)?;
         let child = agent
             .cmd("run")
@@ -37,7 +37,7 @@ impl Daemon {
         })
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
