@@ -684,7 +684,7 @@ async fn view_portal_tree_get(
         .entries
         .iter()
         .take(browse::MAX_LISTED)
-        .filter_map(|e| {
+        .map(|e| {
             let l = browse::listed(e);
             let path = format!("{walked}/{}", l.name);
             let (href, zip) = match l.kind {
@@ -696,7 +696,7 @@ async fn view_portal_tree_get(
                 // Symlinks and special files have nothing to download on their own.
                 _ => (String::new(), String::new()),
             };
-            Some(PortalRow {
+            PortalRow {
                 size: if l.kind == "file" {
                     human_bytes(l.size)
                 } else {
@@ -707,7 +707,7 @@ async fn view_portal_tree_get(
                 modified: l.modified,
                 href,
                 zip,
-            })
+            }
         })
         .collect();
     render(&TreePage {
