@@ -526,6 +526,12 @@ pub trait Catalog: Send + Sync {
     /// Sets or clears a device's owner; false if there is no such device.
     async fn set_device_owner(&self, id: &str, owner: Option<&str>) -> Result<bool>;
 
+    /// Whether the device's owner may use the file portal; `None` if there is no such device.
+    async fn device_portal_enabled(&self, id: &str) -> Result<Option<bool>>;
+
+    /// Turns the file portal on or off for a device; false if there is no such device.
+    async fn set_device_portal(&self, id: &str, enabled: bool) -> Result<bool>;
+
     /// Fleet-wide figures; `protected_since` is RFC 3339 UTC.
     async fn fleet_stats(&self, protected_since: &str) -> Result<FleetStats>;
 }

@@ -1,12 +1,12 @@
 //! Jobs for agents: queuing one (CLI, web UI, API) and describing them to people. The
 //! agent side of the protocol is in `api::control`; storage is the catalog's.
 
-use morgana_core::control::{JobKind, RestoreJob, RestoreScope};
+use morgana_core::control::{JobKind, JobState, RestoreJob, RestoreScope};
 use morgana_core::policy::{Area, Standing};
 use morgana_core::tree::{Content, Kind};
 use tracing::warn;
 
-use crate::catalog::{Catalog, JobRecord, Result};
+use crate::catalog::{Catalog, CatalogError, JobRecord, Result};
 use crate::events::{NewEvent, Severity};
 use crate::store::{TreeLoadError, Visit, load_tree, walk_tree};
 
@@ -95,13 +95,11 @@ async fn restore_totals(
 ) -> std::result::Result<Option<(u64, u64)>, TotalsError> {
     let mut totals = Totals::default();
     match &r.scope {
-        RestoreScope::Full => totals.walk(catalog, Vec::new(), r.root, None).await?,
+        RestoreScope::Full => totals.add(count_files(catalog, Vec::new(), r.root, None).await?),
         RestoreScope::SystemOnly => {
             let policy = catalog.device_policy(device_id).await?;
             let user_area = Area::compile(&policy.spec.user_area)?;
-            totals
-                .walk(catalog, Vec::new(), r.root, Some(&user_area))
-                .await?
+            totals.add(count_files(catalog, Vec::new(), r.root, Some(user_area)).await?)
         }
         RestoreScope::Paths { paths } => {
             for path in paths {
@@ -111,9 +109,12 @@ async fn restore_totals(
                 match (entry.kind, entry.content) {
                     (Some(Kind::Dir), Content::Tree(id)) => {
                         let at = path.trim_end_matches('/').as_bytes().to_vec();
-                        totals.walk(catalog, at, id, None).await?
+                        totals.add(count_files(catalog, at, id, None).await?)
                     }
-                    (Some(Kind::File), _) => totals.file(entry.size),
+                    (Some(Kind::File), _) => {
+                        totals.files += 1;
+                        totals.bytes += entry.size;
+                    }
                     _ => {}
                 }
             }
@@ -130,43 +131,50 @@ struct Totals {
 }
 
 impl Totals {
-    fn file(&mut self, size: u64) {
-        self.files += 1;
-        self.bytes += size;
+    fn add(&mut self, other: Totals) {
+        self.files += other.files;
+        self.bytes += other.bytes;
+        self.entries += other.entries;
     }
+}
 
-    /// Counts the files below the tree `id` found at the absolute path `at` (`/` is empty),
-    /// leaving out those in `skip`.
-    async fn walk(
-        &mut self,
-        catalog: &dyn Catalog,
-        at: Vec<u8>,
-        id: morgana_core::Id,
-        skip: Option<&Area>,
-    ) -> std::result::Result<(), TotalsError> {
-        let start = match skip {
-            Some(area) if !at.is_empty() => area.standing(&at),
-            _ => Standing::default(),
-        };
-        walk_tree(catalog, id, start, |parent, path, e| {
-            self.entries += 1;
-            if self.entries > MAX_COUNTED {
-                return Visit::Stop;
+/// Counts the files below the tree `id` found at the absolute path `at` (`/` is empty),
+/// leaving out those in `skip`. (It owns `skip`: a closure over borrowed arguments makes
+/// the future not `Send` for the web handlers that queue jobs.)
+async fn count_files(
+    catalog: &dyn Catalog,
+    at: Vec<u8>,
+    id: morgana_core::Id,
+    skip: Option<Area>,
+) -> std::result::Result<Totals, TotalsError> {
+    let start = match &skip {
+        Some(area) if !at.is_empty() => area.standing(&at),
+        _ => Standing::default(),
+    };
+    let mut totals = Totals::default();
+    walk_tree(catalog, id, start, |parent, path, e| {
+        totals.entries += 1;
+        if totals.entries > MAX_COUNTED {
+            return Visit::Stop;
+        }
+        let standing = skip
+            .as_ref()
+            .map_or(Standing::default(), |a| a.child(*parent, path));
+        if standing.in_area() {
+            return Visit::Skip;
+        }
+        match e.kind {
+            Some(Kind::Dir) => return Visit::Enter(standing),
+            Some(Kind::File) => {
+                totals.files += 1;
+                totals.bytes += e.size;
             }
-            let standing = skip.map_or(Standing::default(), |a| a.child(*parent, path));
-            if standing.in_area() {
-                return Visit::Skip;
-            }
-            match e.kind {
-                Some(Kind::Dir) => return Visit::Enter(standing),
-                Some(Kind::File) => self.file(e.size),
-                _ => {}
-            }
-            Visit::Skip
-        })
-        .await?;
-        Ok(())
-    }
+            _ => {}
+        }
+        Visit::Skip
+    })
+    .await?;
+    Ok(totals)
 }
 
 /// The entry at the absolute `path` of the tree `root`; `None` if there is none.
@@ -175,14 +183,16 @@ async fn entry_at(
     root: morgana_core::Id,
     path: &str,
 ) -> std::result::Result<Option<morgana_core::tree::Entry>, TotalsError> {
-    let mut names = path.split('/').filter(|c| !c.is_empty()).peekable();
+    // Collected first: a filtering iterator held across an await makes rustc find the
+    // web handlers' futures not `Send`.
+    let names: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
     let mut tree = root;
-    while let Some(name) = names.next() {
+    for (i, name) in names.iter().enumerate() {
         let entries = load_tree(catalog, tree).await?.entries;
         let Some(e) = entries.into_iter().find(|e| e.name == name.as_bytes()) else {
             return Ok(None);
         };
-        if names.peek().is_none() {
+        if i + 1 == names.len() {
             return Ok(Some(e));
         }
         let Content::Tree(sub) = e.content else {
@@ -201,4 +211,157 @@ enum TotalsError {
     Tree(#[from] TreeLoadError),
     #[error("the device's user area is unusable: {0}")]
     Area(#[from] morgana_core::policy::PolicyError),
+}
+
+/// A job request that means nothing, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum JobRequestError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "there is no snapshot {0:?}: pick one from the device's snapshot list \
+         (`morgana-agent snapshots` on a device)"
+    )]
+    NoSuchSnapshot(String),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+/// The restore scope a request asks for: `scope` `full` or `system-only` reverts the
+/// device; otherwise `paths` (absolute paths in the snapshot) are restored, into `to` (an
+/// absolute directory on the device) or their original place. `to` alone means the whole
+/// snapshot, into `to`. Refuses combinations that mean nothing.
+pub fn restore_scope(
+    scope: Option<&str>,
+    paths: Vec<String>,
+    to: Option<&str>,
+) -> std::result::Result<RestoreScope, JobRequestError> {
+    let bad = |m: String| Err(JobRequestError::Invalid(m));
+    if let Some(t) = to {
+        check_path(t, "the target folder")?;
+    }
+    for p in &paths {
+        check_path(p, "a path to restore")?;
+    }
+    match scope {
+        Some(s @ ("full" | "system-only")) if !paths.is_empty() => bad(format!(
+            "scope {s} reverts the whole device; leave it out to restore only the paths"
+        )),
+        Some(s @ ("full" | "system-only")) if to.is_some() => bad(format!(
+            "scope {s} reverts the device in place; leave out the target folder (--to), or \
+             restore paths into it"
+        )),
+        Some("full") => Ok(RestoreScope::Full),
+        Some("system-only") => Ok(RestoreScope::SystemOnly),
+        Some(s) if s != "paths" => bad(format!(
+            "{s:?} is not a restore scope: use paths, full or system-only"
+        )),
+        _ if !paths.is_empty() => Ok(RestoreScope::Paths { paths }),
+        _ if to.is_some() => Ok(RestoreScope::Paths {
+            paths: vec!["/".into()],
+        }),
+        _ => bad(
+            "say what to restore: one or more paths (--path P), a target folder (--to DIR) \
+                  for the whole snapshot, or scope full or system-only to revert the device"
+                .into(),
+        ),
+    }
+}
+
+fn check_path(p: &str, what: &str) -> std::result::Result<(), JobRequestError> {
+    let ok = p.starts_with('/')
+        && !p.contains('\0')
+        && !p.split('/').any(|c| c == "..")
+        && p.len() <= 4096;
+    if !ok {
+        return Err(JobRequestError::Invalid(format!(
+            "{what} {p:?} must be an absolute path without `..` (e.g. /home/alice/docs)"
+        )));
+    }
+    Ok(())
+}
+
+/// The restore job for `snapshot_id` (of any device: restoring onto new hardware).
+pub async fn restore_kind(
+    catalog: &dyn Catalog,
+    snapshot_id: &str,
+    scope: RestoreScope,
+    target: Option<String>,
+) -> std::result::Result<JobKind, JobRequestError> {
+    let snap = catalog
+        .snapshot(snapshot_id)
+        .await?
+        .ok_or_else(|| JobRequestError::NoSuchSnapshot(snapshot_id.to_owned()))?;
+    Ok(JobKind::Restore(RestoreJob {
+        snapshot: snap.id,
+        source_device: snap.device_id,
+        root: snap.root,
+        scope,
+        target,
+    }))
+}
+
+/// Whether the job reverts a whole device (a Protection Manager's decision).
+pub fn is_revert(kind: &JobKind) -> bool {
+    matches!(
+        kind,
+        JobKind::Restore(RestoreJob {
+            scope: RestoreScope::Full | RestoreScope::SystemOnly,
+            ..
+        })
+    )
+}
+
+pub fn state_name(s: JobState) -> &'static str {
+    match s {
+        JobState::Queued => "queued",
+        JobState::Running => "running",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+    }
+}
+
+pub fn is_finished(s: JobState) -> bool {
+    matches!(s, JobState::Succeeded | JobState::Failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_map_to_scopes_and_nonsense_is_refused() {
+        assert_eq!(
+            restore_scope(Some("full"), vec![], None).unwrap(),
+            RestoreScope::Full
+        );
+        assert_eq!(
+            restore_scope(Some("system-only"), vec![], None).unwrap(),
+            RestoreScope::SystemOnly
+        );
+        assert_eq!(
+            restore_scope(Some("paths"), vec!["/etc".into()], Some("/srv/x")).unwrap(),
+            RestoreScope::Paths {
+                paths: vec!["/etc".into()]
+            }
+        );
+        assert_eq!(
+            restore_scope(None, vec![], Some("/srv/x")).unwrap(),
+            RestoreScope::Paths {
+                paths: vec!["/".into()]
+            }
+        );
+        for (scope, paths, to, needle) in [
+            (Some("full"), vec!["/etc".to_string()], None, "leave it out"),
+            (Some("full"), vec![], Some("/x"), "leave out the target"),
+            (None, vec![], None, "say what to restore"),
+            (None, vec!["etc".to_string()], None, "absolute"),
+            (None, vec!["/a/../b".to_string()], None, "absolute"),
+            (None, vec!["/a".to_string()], Some("/a/../../b"), "absolute"),
+            (Some("everything"), vec![], None, "not a restore scope"),
+        ] {
+            let err = restore_scope(scope, paths, to).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
 }

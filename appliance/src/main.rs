@@ -21,6 +21,7 @@ mod snapshot;
 mod store;
 mod tls;
 mod web;
+mod zip;
 
 use std::process::ExitCode;
 

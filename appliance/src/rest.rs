@@ -19,6 +19,7 @@ use crate::web::ops::{self, DeviceParams, EventParams, OpError};
 use crate::web::ui::DiffQuery;
 use crate::web::{Administer, Auth, OwnDevices, SignedIn, ViewFleet, WebState, browse};
 
+mod jobs;
 mod policies;
 
 pub const OPENAPI: &str = include_str!("rest/openapi.json");
@@ -49,7 +50,7 @@ where
 /// and to `openapi.json`.
 pub fn table() -> Vec<Route> {
     use Method as M;
-    vec![
+    let mut routes = vec![
         route(M::GET, "/api/v1/openapi.json", openapi),
         route(M::GET, "/api/v1/me", me),
         route(M::PUT, "/api/v1/me/password", me_password),
@@ -76,10 +77,10 @@ pub fn table() -> Vec<Route> {
         route(M::DELETE, "/api/v1/api-tokens/{id}", api_token_revoke),
         route(M::GET, "/api/v1/enroll-tokens", enroll_tokens),
         route(M::POST, "/api/v1/enroll-tokens", enroll_token_create),
-    ]
-    .into_iter()
-    .chain(policies::table())
-    .collect()
+    ];
+    routes.extend(jobs::table());
+    routes.extend(policies::table());
+    routes
 }
 
 pub fn routes() -> Router<WebState> {

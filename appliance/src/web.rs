@@ -11,8 +11,10 @@
 
 pub mod assets;
 pub mod browse;
+pub mod jobs;
 pub mod ops;
 pub mod policies;
+pub mod portal;
 pub mod ui;
 
 use std::marker::PhantomData;
@@ -59,7 +61,9 @@ impl WebState {
 /// The UI and the REST API, to merge into the appliance's router.
 pub fn router(state: WebState) -> Router {
     let ui = ui::routes()
+        .merge(jobs::routes())
         .merge(policies::routes())
+        .merge(portal::routes())
         .layer(middleware::from_fn(require_csrf));
     Router::new()
         .merge(ui)

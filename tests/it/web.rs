@@ -269,3 +269,271 @@ async fn walk(c: &Client, base: &str, hostname: &str) -> Result<()> {
     screenshot(c, "devices-phone").await?;
     Ok(())
 }
+
+const END_USER_PASSWORD: &str = "end user test password";
+
+/// `morgana user add NAME --role end-user --password-stdin` beside the running `serve`.
+fn add_end_user(appliance: &Appliance, name: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = morgana()
+        .args([
+            "user",
+            "add",
+            name,
+            "--role",
+            "end-user",
+            "--password-stdin",
+        ])
+        .arg("--data-dir")
+        .arg(&appliance.data_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    writeln!(child.stdin.take().context("stdin")?, "{END_USER_PASSWORD}")?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("user add failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// A GET with the browser's session cookie (downloads are easier to check byte for byte
+/// outside the browser), trusting the appliance's CA.
+fn fetch_with_session(appliance: &Appliance, cookie: &str, url: &str) -> Result<Vec<u8>> {
+    let out = Command::new("curl")
+        .args(["--silent", "--show-error", "--fail", "--cacert"])
+        .arg(appliance.data_dir.join("tls/ca.pem"))
+        .args(["-H", &format!("Cookie: {cookie}"), url])
+        .output()
+        .context("cannot run curl")?;
+    if !out.status.success() {
+        bail!("GET {url}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(out.stdout)
+}
+
+#[test]
+fn restore_a_folder_from_the_ui_then_download_it_in_the_portal() -> Result<()> {
+    crate::init();
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path().join("root");
+    fs::create_dir_all(root.join("docs/reports"))?;
+    fs::write(root.join("docs/reports/q3.txt"), "quarterly numbers\n")?;
+    // Big enough to be stored as several chunks.
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    fs::write(root.join("docs/big.bin"), &big)?;
+    fs::write(root.join("docs/readme.md"), "# hello\n")?;
+    let appliance = Appliance::start_with_env(
+        &tmp.path().join("appliance"),
+        &[],
+        &[("MORGANA_ADMIN_PASSWORD", ADMIN_PASSWORD)],
+    )?;
+    let agent = Agent::enroll(&appliance, &root, &tmp.path().join("state"))?;
+    agent.sync()?;
+    // The service runs jobs; its schedule would sync again only in an hour.
+    let daemon = crate::daemon::Daemon::start(&agent, "1h", &tmp.path().join("agent.log"))?;
+    add_end_user(&appliance, "ann")?;
+    let hostname = fs::read_to_string("/proc/sys/kernel/hostname")?
+        .trim()
+        .to_string();
+    let restored = tmp.path().join("restored");
+
+    let driver = Driver::start()?;
+    let profile = tmp.path().join("chromium");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async {
+        let c = browser(&driver, &profile).await?;
+        let result = restore_and_download(&c, &appliance, &hostname, &restored, &root).await;
+        if result.is_err() {
+            let _ = screenshot(&c, "failure-restore-portal").await;
+        }
+        let _ = c.close().await;
+        result
+    });
+    result.with_context(|| format!("agent log:\n{}", daemon.log()))
+}
+
+async fn sign_in(c: &Client, base: &str, name: &str, password: &str) -> Result<()> {
+    c.goto(&format!("{base}/login")).await?;
+    wait_css(c, "#name").await?.send_keys(name).await?;
+    wait_css(c, "#password").await?.send_keys(password).await?;
+    wait_css(c, "#sign-in").await?.click().await?;
+    Ok(())
+}
+
+async fn restore_and_download(
+    c: &Client,
+    appliance: &Appliance,
+    hostname: &str,
+    restored: &Path,
+    root: &Path,
+) -> Result<()> {
+    let base = appliance.url.as_str();
+    sign_in(c, base, "admin", ADMIN_PASSWORD).await?;
+    wait_css(c, "#protected-percent").await?;
+
+    // Find the device, make ann its owner.
+    c.goto(&format!("{base}/devices")).await?;
+    wait_css(c, "#q").await?.send_keys(hostname).await?;
+    wait_xpath(
+        c,
+        &format!("//a[contains(@class, 'device-link') and text()='{hostname}']"),
+    )
+    .await?
+    .click()
+    .await?;
+    wait_css(c, "#snapshots").await?;
+    let owner = wait_css(c, "input[name=owner]").await?;
+    owner.clear().await?;
+    owner.send_keys("ann").await?;
+    wait_xpath(c, "//button[text()='Save owner']")
+        .await?
+        .click()
+        .await?;
+    let who = wait_css(c, "#owner").await?.text().await?;
+    assert_eq!(who.trim(), "ann");
+    screenshot(c, "device-actions").await?;
+
+    // Browse the snapshot down to docs, restore it to a new place.
+    wait_css(c, "a.browse-link").await?.click().await?;
+    wait_xpath(c, "//a[contains(@class, 'folder') and text()='docs/']")
+        .await?
+        .click()
+        .await?;
+    wait_xpath(
+        c,
+        "//span[contains(@class, 'entry-name') and text()='big.bin']",
+    )
+    .await?;
+    wait_css(c, "#restore-folder").await?.click().await?;
+    let path = wait_css(c, "input[name=path]").await?;
+    assert_eq!(path.prop("value").await?.as_deref(), Some("/docs"));
+    wait_css(c, "input[name=to]")
+        .await?
+        .send_keys(&restored.display().to_string())
+        .await?;
+    screenshot(c, "restore").await?;
+    wait_xpath(c, "//button[text()='Review…']")
+        .await?
+        .click()
+        .await?;
+    let said = wait_css(c, "#consequences").await?.text().await?;
+    assert!(said.contains("is copied from the snapshot into"), "{said}");
+    screenshot(c, "restore-confirm").await?;
+    wait_css(c, "#confirm-restore").await?.click().await?;
+
+    // The job page follows the job by itself (htmx polling) until it has succeeded.
+    wait_css(c, "#job-progress").await?;
+    let state = wait_xpath(
+        c,
+        "//span[@id='job-state' and (text()='succeeded' or text()='failed')]",
+    )
+    .await?
+    .text()
+    .await?;
+    let message = match c.find(Locator::Css("#job-message")).await {
+        Ok(m) => m.text().await?,
+        Err(_) => String::new(),
+    };
+    assert_eq!(state, "succeeded", "{message}");
+    screenshot(c, "job").await?;
+    // The folder arrives under its own name, byte for byte.
+    assert_eq!(
+        fs::read(restored.join("docs/big.bin"))?,
+        fs::read(root.join("docs/big.bin"))?
+    );
+    assert_eq!(
+        fs::read(restored.join("docs/reports/q3.txt"))?,
+        b"quarterly numbers\n"
+    );
+    c.goto(&format!("{base}/jobs")).await?;
+    wait_css(c, "#jobs").await?;
+    screenshot(c, "jobs").await?;
+
+    // The owner, in the portal.
+    c.delete_all_cookies().await?;
+    sign_in(c, base, "ann", END_USER_PASSWORD).await?;
+    wait_css(c, "#portal-devices").await?;
+    assert_eq!(c.current_url().await?.path(), "/portal");
+    screenshot(c, "portal").await?;
+    wait_xpath(
+        c,
+        &format!("//table[@id='portal-devices']//a[text()='{hostname}']"),
+    )
+    .await?
+    .click()
+    .await?;
+    wait_css(c, "#portal-snapshots").await?;
+    screenshot(c, "portal-device").await?;
+    wait_css(c, "a.browse-link").await?.click().await?;
+    wait_xpath(c, "//a[contains(@class, 'folder') and text()='docs/']")
+        .await?
+        .click()
+        .await?;
+    let file_link = wait_xpath(c, "//a[contains(@class, 'file') and text()='big.bin']").await?;
+    let zip_link = wait_css(c, "#download-folder").await?;
+    screenshot(c, "portal-tree").await?;
+    let file_url = file_link.prop("href").await?.context("file link href")?;
+    let zip_url = zip_link.prop("href").await?.context("zip link href")?;
+    let cookie = c
+        .get_all_cookies()
+        .await?
+        .iter()
+        .map(|k| format!("{}={}", k.name(), k.value()))
+        .collect::<Vec<_>>()
+        .join("; ");
+
+    let file = fetch_with_session(appliance, &cookie, &file_url)?;
+    assert!(
+        file == fs::read(root.join("docs/big.bin"))?,
+        "the downloaded file differs from the source"
+    );
+    let zip = fetch_with_session(appliance, &cookie, &zip_url)?;
+    let unpacked = restored.parent().context("tmp")?.join("unzipped");
+    fs::create_dir_all(&unpacked)?;
+    let zip_path = unpacked.join("docs.zip");
+    fs::write(&zip_path, &zip)?;
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
+             assert z.testzip() is None; z.extractall(sys.argv[2])",
+        ])
+        .arg(&zip_path)
+        .arg(&unpacked)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "the ZIP does not read back: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for rel in ["big.bin", "readme.md", "reports/q3.txt"] {
+        assert_eq!(
+            fs::read(unpacked.join("docs").join(rel))?,
+            fs::read(root.join("docs").join(rel))?,
+            "{rel} in the ZIP"
+        );
+    }
+
+    // Search by name.
+    c.goto(&format!("{base}/portal/search?q=q3")).await?;
+    wait_xpath(
+        c,
+        "//table[@id='search-results']//a[contains(., '/docs/reports/q3.txt')]",
+    )
+    .await?;
+    screenshot(c, "portal-search").await?;
+
+    // A phone-sized window.
+    c.set_window_size(390, 844).await?;
+    c.goto(&format!("{base}/portal")).await?;
+    wait_css(c, "#portal-devices").await?;
+    screenshot(c, "portal-phone").await?;
+    Ok(())
+}

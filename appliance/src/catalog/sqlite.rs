@@ -1350,6 +1350,14 @@ impl Catalog for SqliteCatalog {
         self.accounts_set_device_owner(id, owner).await
     }
 
+    async fn device_portal_enabled(&self, id: &str) -> Result<Option<bool>> {
+        self.accounts_device_portal_enabled(id).await
+    }
+
+    async fn set_device_portal(&self, id: &str, enabled: bool) -> Result<bool> {
+        self.accounts_set_device_portal(id, enabled).await
+    }
+
     async fn fleet_stats(&self, protected_since: &str) -> Result<FleetStats> {
         self.accounts_fleet_stats(protected_since).await
     }

@@ -7,11 +7,12 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use morgana_core::control::{JobKind, JobState, RestoreJob, RestoreScope};
+use morgana_core::control::{JobKind, JobState};
 
 use crate::catalog::{Catalog, JobRecord, SqliteCatalog};
 use crate::commands::enroll_token::parse_duration;
 use crate::config::{DEFAULT_DATA_DIR, DataDir};
+use crate::jobs::state_name;
 
 #[derive(Debug, clap::Args)]
 pub struct DirArgs {
@@ -111,24 +112,8 @@ async fn run_with(catalog: &SqliteCatalog, cmd: Command) -> anyhow::Result<ExitC
             ..
         } => {
             require_device(catalog, &device).await?;
-            let scope = scope_of(scope.as_deref(), paths, to.as_deref())?;
-            let snap = catalog
-                .snapshot(&snapshot)
-                .await
-                .context("cannot look up the snapshot")?
-                .with_context(|| {
-                    format!(
-                        "there is no snapshot {snapshot:?}; a device lists its own with \
-                         `morgana-agent snapshots`"
-                    )
-                })?;
-            let kind = JobKind::Restore(RestoreJob {
-                snapshot: snap.id,
-                source_device: snap.device_id,
-                root: snap.root,
-                scope,
-                target: to,
-            });
+            let scope = crate::jobs::restore_scope(scope.as_deref(), paths, to.as_deref())?;
+            let kind = crate::jobs::restore_kind(catalog, &snapshot, scope, to).await?;
             let job = queue(catalog, &device, kind).await?;
             println!("{}", job.id);
         }
@@ -228,58 +213,6 @@ async fn find(catalog: &SqliteCatalog, id: &str) -> anyhow::Result<JobRecord> {
         .with_context(|| format!("there is no job {id:?}: list them with `morgana job list`"))
 }
 
-/// The restore scope the flags ask for; refuses combinations that mean nothing.
-fn scope_of(
-    scope: Option<&str>,
-    paths: Vec<String>,
-    to: Option<&str>,
-) -> anyhow::Result<RestoreScope> {
-    if let Some(t) = to {
-        check_path(t, "--to")?;
-    }
-    for p in &paths {
-        check_path(p, "--path")?;
-    }
-    match scope {
-        Some(s) if !paths.is_empty() => {
-            bail!("--scope {s} reverts the whole device; leave it out to restore only --path")
-        }
-        Some(s) if to.is_some() => bail!(
-            "--scope {s} reverts the device in place; leave out --to, or restore --path into it"
-        ),
-        Some("full") => Ok(RestoreScope::Full),
-        Some(_) => Ok(RestoreScope::SystemOnly),
-        None if !paths.is_empty() => Ok(RestoreScope::Paths { paths }),
-        None if to.is_some() => Ok(RestoreScope::Paths {
-            paths: vec!["/".into()],
-        }),
-        None => bail!(
-            "say what to restore: --path P (repeatable), --to DIR for the whole snapshot, or \
-             --scope full|system-only to revert the device"
-        ),
-    }
-}
-
-fn check_path(p: &str, flag: &str) -> anyhow::Result<()> {
-    let ok = p.starts_with('/')
-        && !p.contains('\0')
-        && !p.split('/').any(|c| c == "..")
-        && p.len() <= 4096;
-    if !ok {
-        bail!("{flag} {p:?} must be an absolute path without `..` (e.g. /home/alice/docs)");
-    }
-    Ok(())
-}
-
-fn state_name(s: JobState) -> &'static str {
-    match s {
-        JobState::Queued => "queued",
-        JobState::Running => "running",
-        JobState::Succeeded => "succeeded",
-        JobState::Failed => "failed",
-    }
-}
-
 fn suffix(message: &str) -> String {
     if message.is_empty() {
         String::new()
@@ -306,44 +239,5 @@ fn print_job(j: &JobRecord) {
     }
     if !j.message.is_empty() {
         println!("message   {}", j.message);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn flags_map_to_scopes_and_nonsense_is_refused() {
-        assert_eq!(
-            scope_of(Some("full"), vec![], None).unwrap(),
-            RestoreScope::Full
-        );
-        assert_eq!(
-            scope_of(Some("system-only"), vec![], None).unwrap(),
-            RestoreScope::SystemOnly
-        );
-        assert_eq!(
-            scope_of(None, vec!["/etc".into()], Some("/srv/x")).unwrap(),
-            RestoreScope::Paths {
-                paths: vec!["/etc".into()]
-            }
-        );
-        assert_eq!(
-            scope_of(None, vec![], Some("/srv/x")).unwrap(),
-            RestoreScope::Paths {
-                paths: vec!["/".into()]
-            }
-        );
-        for (scope, paths, to, needle) in [
-            (Some("full"), vec!["/etc".to_string()], None, "leave it out"),
-            (Some("full"), vec![], Some("/x"), "leave out --to"),
-            (None, vec![], None, "say what to restore"),
-            (None, vec!["etc".to_string()], None, "absolute"),
-            (None, vec!["/a/../b".to_string()], None, "absolute"),
-        ] {
-            let err = scope_of(scope, paths, to).unwrap_err().to_string();
-            assert!(err.contains(needle), "{err}");
-        }
     }
 }

@@ -32,6 +32,8 @@ pub enum OpError {
     Invalid(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error(transparent)]
@@ -50,6 +52,7 @@ impl OpError {
             OpError::NotFound(_) => StatusCode::NOT_FOUND,
             OpError::Invalid(_) => StatusCode::BAD_REQUEST,
             OpError::Conflict(_) => StatusCode::CONFLICT,
+            OpError::Forbidden(_) => StatusCode::FORBIDDEN,
             OpError::Catalog(CatalogError::UserExists(_)) => StatusCode::CONFLICT,
             OpError::Catalog(CatalogError::UserUnknown(_)) => StatusCode::NOT_FOUND,
             OpError::Browse(BrowseError::NoSuchPath { .. } | BrowseError::NotAFolder { .. }) => {

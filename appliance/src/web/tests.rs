@@ -9,6 +9,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use morgana_core::Id;
+use morgana_core::control::JobKind;
 use morgana_core::pack::{BlobKind, Compression, PackBuilder};
 use morgana_core::tree::{Content, Entry, Kind, Tree};
 use morgana_core::wire::SnapshotInfo;
@@ -328,7 +329,9 @@ const STAFF: &[Role] = &[
     Role::Helpdesk,
 ];
 const ADMIN: &[Role] = &[Role::Administrator];
-/// Policies, retention, full restores.
+/// Sync now and file/folder restores.
+const RUN_JOBS: &[Role] = &[Role::Administrator, Role::ProtectionManager, Role::Helpdesk];
+/// Policies, retention, full and system-only reverts.
 const PROTECTION: &[Role] = &[Role::Administrator, Role::ProtectionManager];
 const ANY: &[Role] = &Role::ALL;
 
@@ -351,7 +354,7 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
     let spare = h.spare_token_id;
 
     // (method, path, form body, who may, status when allowed)
-    let ui: Vec<UiCase> = vec![
+    let mut ui: Vec<UiCase> = vec![
         ("GET", "/".into(), "".into(), STAFF, StatusCode::OK),
         ("GET", "/devices".into(), "".into(), STAFF, StatusCode::OK),
         (
@@ -515,6 +518,94 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
             StatusCode::BAD_REQUEST,
         ),
     ];
+    // Jobs, restores and the portal switch (issue 4, second slice).
+    let job = crate::jobs::queue(h.catalog.as_ref(), &own, JobKind::Sync, "test")
+        .await
+        .unwrap()
+        .id;
+    let restore = format!("snapshot={s2}&scope=paths&path=%2Fdocs&to=");
+    ui.extend::<Vec<UiCase>>(vec![
+        (
+            "POST",
+            format!("/devices/{own}/sync"),
+            "".into(),
+            RUN_JOBS,
+            StatusCode::SEE_OTHER,
+        ),
+        (
+            "GET",
+            format!("/devices/{own}/restore?snapshot={s2}&path=%2Fdocs"),
+            "".into(),
+            RUN_JOBS,
+            StatusCode::OK,
+        ),
+        // Without `confirmed`: the confirmation page, nothing queued.
+        (
+            "POST",
+            format!("/devices/{own}/restore"),
+            restore.clone(),
+            RUN_JOBS,
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            format!("/devices/{own}/restore"),
+            format!("{restore}&confirmed=yes"),
+            RUN_JOBS,
+            StatusCode::SEE_OTHER,
+        ),
+        (
+            "POST",
+            format!("/devices/{own}/restore"),
+            format!("snapshot={s2}&scope=system-only"),
+            PROTECTION,
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            format!("/devices/{own}/restore"),
+            format!("snapshot={s2}&scope=full&confirmed=yes"),
+            PROTECTION,
+            StatusCode::SEE_OTHER,
+        ),
+        ("GET", "/jobs".into(), "".into(), STAFF, StatusCode::OK),
+        (
+            "GET",
+            format!("/jobs?device={own}"),
+            "".into(),
+            STAFF,
+            StatusCode::OK,
+        ),
+        (
+            "GET",
+            format!("/jobs/{job}"),
+            "".into(),
+            STAFF,
+            StatusCode::OK,
+        ),
+        (
+            "GET",
+            format!("/jobs/{job}/progress"),
+            "".into(),
+            STAFF,
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            format!("/devices/{own}/portal"),
+            "enabled=true".into(),
+            ADMIN,
+            StatusCode::SEE_OTHER,
+        ),
+        ("GET", "/portal".into(), "".into(), ANY, StatusCode::OK),
+        (
+            "GET",
+            "/portal/search?q=cat".into(),
+            "".into(),
+            ANY,
+            StatusCode::OK,
+        ),
+    ]);
     let mut tried = 0;
     for (method, path, form, allowed, ok) in &ui {
         for who in EVERYONE {
@@ -537,7 +628,7 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
         }
     }
 
-    let api: Vec<ApiCase> = vec![
+    let mut api: Vec<ApiCase> = vec![
         ("GET", "/api/v1/me".into(), None, ANY, StatusCode::OK),
         (
             "PUT",
@@ -697,6 +788,49 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
             StatusCode::OK,
         ),
     ];
+    // Jobs and the portal switch (issue 4, second slice).
+    api.extend::<Vec<ApiCase>>(vec![
+        (
+            "POST",
+            format!("/api/v1/devices/{own}/jobs"),
+            Some(r#"{"type":"sync"}"#.into()),
+            RUN_JOBS,
+            StatusCode::CREATED,
+        ),
+        (
+            "POST",
+            format!("/api/v1/devices/{own}/jobs"),
+            Some(format!(
+                r#"{{"type":"restore","snapshot":"{s2}","paths":["/docs"],"to":"/srv/x"}}"#
+            )),
+            RUN_JOBS,
+            StatusCode::CREATED,
+        ),
+        (
+            "POST",
+            format!("/api/v1/devices/{own}/jobs"),
+            Some(format!(
+                r#"{{"type":"restore","snapshot":"{s2}","scope":"full"}}"#
+            )),
+            PROTECTION,
+            StatusCode::CREATED,
+        ),
+        ("GET", "/api/v1/jobs".into(), None, STAFF, StatusCode::OK),
+        (
+            "GET",
+            format!("/api/v1/jobs/{job}"),
+            None,
+            STAFF,
+            StatusCode::OK,
+        ),
+        (
+            "PUT",
+            format!("/api/v1/devices/{own}/portal"),
+            Some(r#"{"enabled":true}"#.into()),
+            ADMIN,
+            StatusCode::OK,
+        ),
+    ]);
     for (method, path, json, allowed, ok) in &api {
         for who in EVERYONE {
             let a = h.api(who, method, path, json.as_deref()).await;
@@ -722,6 +856,26 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
         .collect();
     assert_eq!(api_routes, tried_api, "every API route is in the matrix");
     assert_eq!(tried, (ui.len() + api.len()) * EVERYONE.len());
+
+    // Portal pages of one device: only its owner, whatever the role; to everybody else the
+    // device does not exist.
+    let portal_paths = [
+        format!("/portal/devices/{own}"),
+        format!("/portal/devices/{own}/snapshots/{s2}/tree?path=%2Fdocs"),
+        format!("/portal/devices/{own}/snapshots/{s2}/file?path=%2Fdocs%2Fa.txt"),
+        format!("/portal/devices/{own}/snapshots/{s2}/zip?path=%2Fdocs"),
+    ];
+    for path in &portal_paths {
+        for who in EVERYONE {
+            let a = h.ui(who, "GET", path, "", false).await;
+            let want = match who {
+                Who::Anonymous => StatusCode::SEE_OTHER,
+                Who::As(Role::EndUser) => StatusCode::OK,
+                Who::As(_) => StatusCode::NOT_FOUND,
+            };
+            assert_eq!(a.status, want, "UI GET {path} as {who:?}");
+        }
+    }
 
     // Public: the login page, the API description, the assets.
     for path in [
@@ -936,7 +1090,8 @@ async fn login_logout_rate_limit_and_disabled_users() {
             false,
         )
         .await;
-    assert_eq!(a.location, "/account");
+    // End users land in their file portal.
+    assert_eq!(a.location, "/portal");
     // Only local paths are followed after login.
     let a = h
         .ui(
@@ -1251,4 +1406,583 @@ async fn the_devices_page_filters_sorts_and_pages() {
         .ui(help, "GET", "/devices/rows?state=bogus", "", false)
         .await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
+}
+
+// ---- Jobs in the UI, the file portal (issue 4, second slice) ----
+
+impl Harness {
+    /// A GET as `role`'s browser session, with the body's raw bytes (downloads).
+    async fn download(
+        &self,
+        role: Role,
+        path: &str,
+    ) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+        let req = Request::builder()
+            .uri(path)
+            .header(
+                header::COOKIE,
+                format!("{}={}", auth::SESSION_COOKIE, self.session(role)),
+            )
+            .body(Body::empty())
+            .unwrap();
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        (parts.status, parts.headers, bytes.to_vec())
+    }
+
+    /// A snapshot of the end user's device holding a file stored as three chunks, so
+    /// downloads go through the pack store. Returns the snapshot id and the file's bytes.
+    async fn chunked_snapshot(&self) -> (String, Vec<u8>) {
+        let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let mut b = PackBuilder::default();
+        let mut chunks = Vec::new();
+        for piece in data.chunks(1024) {
+            let id = Id::of(piece);
+            b.add_stored(
+                id,
+                BlobKind::Chunk,
+                Compression::None,
+                piece,
+                piece.len() as u32,
+            );
+            chunks.push(id);
+        }
+        let (record, entries) = self.store.store(b.finish()).unwrap();
+        self.catalog.insert_pack(&record, &entries).await.unwrap();
+        let big = Entry {
+            name: b"big.bin".to_vec(),
+            kind: Some(Kind::File),
+            mode: 0o600,
+            size: data.len() as u64,
+            content: Content::Chunks {
+                file: morgana_core::id::FileIdHasher::of(&chunks),
+                chunks,
+            },
+            ..Default::default()
+        };
+        let inner = Tree {
+            entries: vec![file("note.txt", b"inner note")],
+        };
+        let inner_id = inner.seal().0;
+        let work = Tree {
+            entries: vec![
+                big,
+                folder("inner", inner_id),
+                file("ünï code.txt", b"utf-8"),
+            ],
+        };
+        let work_id = work.seal().0;
+        let root = Tree {
+            entries: vec![folder("work", work_id)],
+        };
+        let ids = store_trees(&self.catalog, &self.store, &[&inner, &work, &root]).await;
+        let s = snapshot(&self.catalog, &self.own_device, ids[2], 7).await;
+        (s, data)
+    }
+}
+
+fn portal_events(body: &str) -> usize {
+    body.matches("portal.download").count()
+}
+
+#[tokio::test]
+async fn the_portal_downloads_files_and_zipped_folders_and_audits_each() {
+    let h = harness().await;
+    let own = &h.own_device;
+    let (s, data) = h.chunked_snapshot().await;
+
+    let (status, headers, body) = h
+        .download(
+            Role::EndUser,
+            &format!("/portal/devices/{own}/snapshots/{s}/file?path=%2Fwork%2Fbig.bin"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, data);
+    assert_eq!(
+        headers[header::CONTENT_DISPOSITION].to_str().unwrap(),
+        "attachment; filename=\"big.bin\"; filename*=UTF-8''big.bin"
+    );
+    assert_eq!(
+        headers[header::CONTENT_LENGTH],
+        data.len().to_string().as_str()
+    );
+
+    let (status, headers, zip) = h
+        .download(
+            Role::EndUser,
+            &format!("/portal/devices/{own}/snapshots/{s}/zip?path=%2Fwork"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "application/zip");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("work.zip");
+    std::fs::write(&path, &zip).unwrap();
+    // An independent reader: names, sizes, every CRC, the bytes.
+    let script = r#"
+import sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+assert z.testzip() is None
+for i in z.infolist():
+    print(i.filename, i.file_size, oct(i.external_attr >> 16))
+sys.stdout.flush()
+open(sys.argv[2], "wb").write(z.read("work/big.bin"))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&path)
+        .arg(dir.path().join("big.bin"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        // A folder's entries in name order, then its subfolders' contents.
+        "work/big.bin 3000 0o100600\nwork/inner/ 0 0o40755\nwork/ünï code.txt 5 0o100644\n\
+         work/inner/note.txt 10 0o100644\n"
+    );
+    assert_eq!(std::fs::read(dir.path().join("big.bin")).unwrap(), data);
+
+    // The whole snapshot, from its root.
+    let (status, _, zip) = h
+        .download(
+            Role::EndUser,
+            &format!("/portal/devices/{own}/snapshots/{s}/zip?path=%2F"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(zip.starts_with(b"PK\x03\x04"));
+
+    // Each download is an audit event naming the user, the path and the snapshot.
+    let a = h
+        .api(
+            Who::As(Role::Administrator),
+            "GET",
+            "/api/v1/events?kind=portal.download",
+            None,
+        )
+        .await;
+    assert_eq!(portal_events(&a.body), 3, "{}", a.body);
+    assert!(a.body.contains("\"actor\":\"user:ann\""), "{}", a.body);
+    assert!(
+        a.body.contains(&format!("/work/big.bin from snapshot {s}")),
+        "{}",
+        a.body
+    );
+
+    // A folder is not a file, a file not a folder, a missing path is missing: each says so.
+    for (what, path, want) in [
+        ("file", "%2Fwork", StatusCode::BAD_REQUEST),
+        ("zip", "%2Fwork%2Fbig.bin", StatusCode::BAD_REQUEST),
+        ("file", "%2Fwork%2Fnope", StatusCode::NOT_FOUND),
+    ] {
+        let a = h
+            .ui(
+                Who::As(Role::EndUser),
+                "GET",
+                &format!("/portal/devices/{own}/snapshots/{s}/{what}?path={path}"),
+                "",
+                false,
+            )
+            .await;
+        assert_eq!(a.status, want, "{what} {path}: {}", a.body);
+    }
+    // Nothing of those was recorded as a download.
+    let a = h
+        .api(
+            Who::As(Role::Administrator),
+            "GET",
+            "/api/v1/events?kind=portal.download",
+            None,
+        )
+        .await;
+    assert_eq!(portal_events(&a.body), 3);
+}
+
+#[tokio::test]
+async fn an_end_user_reaches_only_their_own_files_in_the_portal() {
+    let h = harness().await;
+    let end = Who::As(Role::EndUser);
+    let (own, other) = (&h.own_device, &h.other_device);
+    let s_own = &h.own_snapshots[1];
+    let s_other = &h.other_snapshot;
+    for path in [
+        format!("/portal/devices/{other}"),
+        format!("/portal/devices/{other}/snapshots/{s_other}/tree?path=%2F"),
+        format!("/portal/devices/{other}/snapshots/{s_other}/file?path=%2Fdocs%2Fa.txt"),
+        format!("/portal/devices/{other}/snapshots/{s_other}/zip?path=%2Fdocs"),
+        // A foreign device with one's own snapshot id.
+        format!("/portal/devices/{other}/snapshots/{s_own}/file?path=%2Fdocs%2Fa.txt"),
+        // One's own device with a foreign snapshot id (same trees even: still refused).
+        format!("/portal/devices/{own}/snapshots/{s_other}/tree?path=%2F"),
+        format!("/portal/devices/{own}/snapshots/{s_other}/file?path=%2Fdocs%2Fa.txt"),
+        format!("/portal/devices/{own}/snapshots/{s_other}/zip?path=%2F"),
+        "/portal/devices/0000000000000000".into(),
+        "/portal/devices/..%2F..".into(),
+    ] {
+        let a = h.ui(end, "GET", &path, "", false).await;
+        assert_eq!(a.status, StatusCode::NOT_FOUND, "{path}: {}", a.body);
+        assert!(!a.body.contains("bob-desktop"), "{path} leaks: {}", a.body);
+    }
+    // `..` in a path is refused as such, never walked.
+    for what in ["tree", "file", "zip"] {
+        let path =
+            format!("/portal/devices/{own}/snapshots/{s_own}/{what}?path=%2Fdocs%2F..%2F..%2Fpics");
+        let a = h.ui(end, "GET", &path, "", false).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{path}: {}", a.body);
+        assert!(a.body.contains("without `..`"), "{}", a.body);
+    }
+    // Jobs are staff pages: refused whatever the id.
+    let job = crate::jobs::queue(h.catalog.as_ref(), other, JobKind::Sync, "test")
+        .await
+        .unwrap()
+        .id;
+    for path in [
+        "/jobs".to_owned(),
+        format!("/jobs/{job}"),
+        format!("/jobs/{job}/progress"),
+        format!("/devices/{own}/restore?snapshot={s_own}"),
+    ] {
+        let a = h.ui(end, "GET", &path, "", false).await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{path}");
+    }
+    let a = h
+        .api(end, "GET", &format!("/api/v1/jobs/{job}"), None)
+        .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    // The portal's list and search show only their own device.
+    let a = h.ui(end, "GET", "/portal", "", false).await;
+    assert!(a.body.contains("ann-laptop") && !a.body.contains("bob-desktop"));
+    let a = h.ui(end, "GET", "/portal/search?q=a", "", false).await;
+    assert!(a.body.contains("ann-laptop") && !a.body.contains("bob-desktop"));
+    // Staff who own nothing see an empty portal, with what to do.
+    let a = h
+        .ui(Who::As(Role::Administrator), "GET", "/portal", "", false)
+        .await;
+    assert!(
+        a.body.contains("No device is registered to you"),
+        "{}",
+        a.body
+    );
+}
+
+#[tokio::test]
+async fn an_administrator_turns_the_portal_off_and_on() {
+    let h = harness().await;
+    let end = Who::As(Role::EndUser);
+    let admin = Who::As(Role::Administrator);
+    let own = &h.own_device;
+    let s = &h.own_snapshots[1];
+    let a = h
+        .ui(
+            admin,
+            "POST",
+            &format!("/devices/{own}/portal"),
+            "enabled=false",
+            true,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER);
+    let page = h.ui(admin, "GET", &a.location, "", false).await;
+    assert!(
+        page.body.contains("The file portal is off"),
+        "{}",
+        page.body
+    );
+    for path in [
+        format!("/portal/devices/{own}"),
+        format!("/portal/devices/{own}/snapshots/{s}/tree?path=%2F"),
+        format!("/portal/devices/{own}/snapshots/{s}/file?path=%2Fdocs%2Fa.txt"),
+        format!("/portal/devices/{own}/snapshots/{s}/zip?path=%2Fdocs"),
+    ] {
+        let a = h.ui(end, "GET", &path, "", false).await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{path}");
+        assert!(a.body.contains("file portal is turned off"), "{}", a.body);
+    }
+    let a = h.ui(end, "GET", "/portal", "", false).await;
+    assert!(a.body.contains("The portal is off for this device"));
+    // Search skips it.
+    let a = h.ui(end, "GET", "/portal/search?q=cat", "", false).await;
+    assert!(
+        a.body.contains("No file or folder name contains"),
+        "{}",
+        a.body
+    );
+    // Nonsense is refused and changes nothing.
+    let a = h
+        .ui(
+            admin,
+            "POST",
+            &format!("/devices/{own}/portal"),
+            "enabled=maybe",
+            true,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        h.catalog.device_portal_enabled(own).await.unwrap(),
+        Some(false)
+    );
+    // On again through the API.
+    let a = h
+        .api(
+            admin,
+            "PUT",
+            &format!("/api/v1/devices/{own}/portal"),
+            Some(r#"{"enabled":true}"#),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let (status, _, body) = h
+        .download(
+            Role::EndUser,
+            &format!("/portal/devices/{own}/snapshots/{s}/file?path=%2Fdocs%2Fa.txt"),
+        )
+        .await;
+    assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"alpha"[..]));
+    let a = h
+        .api(admin, "GET", "/api/v1/events?kind=portal.", None)
+        .await;
+    assert!(a.body.contains("portal.disabled") && a.body.contains("portal.enabled"));
+}
+
+#[tokio::test]
+async fn portal_search_finds_names_across_snapshots_and_says_when_capped() {
+    let h = harness().await;
+    let ann = h.catalog.user("ann").await.unwrap().unwrap();
+    let r = super::portal::search(h.catalog.as_ref(), &ann, "CAT", 100, 100)
+        .await
+        .unwrap();
+    // cat.jpg changed between the two snapshots: one match in each.
+    let found: Vec<(&str, &str)> = r
+        .found
+        .iter()
+        .map(|f| (f.snapshot.as_str(), f.path.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (h.own_snapshots[1].as_str(), "/pics/cat.jpg"),
+            (h.own_snapshots[0].as_str(), "/pics/cat.jpg"),
+        ]
+    );
+    assert!(!r.capped);
+    // The shared `docs` folder is read once: 2 roots + docs + 2 pics folders.
+    assert_eq!(r.trees_read, 5);
+    let r = super::portal::search(h.catalog.as_ref(), &ann, "cat", 100, 1)
+        .await
+        .unwrap();
+    assert!(r.capped && r.found.len() == 1);
+    let r = super::portal::search(h.catalog.as_ref(), &ann, ".txt", 2, 100)
+        .await
+        .unwrap();
+    assert!(r.capped && r.trees_read == 2);
+    let a = h
+        .ui(
+            Who::As(Role::EndUser),
+            "GET",
+            "/portal/search?q=b.txt",
+            "",
+            false,
+        )
+        .await;
+    assert!(a.body.contains("/docs/b.txt") && !a.body.contains("search-capped"));
+}
+
+#[tokio::test]
+async fn restores_from_the_ui_are_confirmed_then_queued_and_followed() {
+    let h = harness().await;
+    let help = Who::As(Role::Helpdesk);
+    let own = &h.own_device;
+    let s = &h.own_snapshots[1];
+    let form = format!("snapshot={s}&scope=paths&path=%2Fdocs&to=%2Fsrv%2Frestored");
+    // First the confirmation, which says what will happen; nothing is queued yet.
+    let a = h
+        .ui(
+            help,
+            "POST",
+            &format!("/devices/{own}/restore"),
+            &form,
+            true,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(
+        a.body
+            .contains("/docs is copied from the snapshot into /srv/restored"),
+        "{}",
+        a.body
+    );
+    assert!(h.catalog.jobs(Some(own), 10).await.unwrap().is_empty());
+    let a = h
+        .ui(
+            help,
+            "POST",
+            &format!("/devices/{own}/restore"),
+            &format!("{form}&confirmed=yes"),
+            true,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER);
+    let jobs = h.catalog.jobs(Some(own), 10).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    let job = &jobs[0];
+    assert_eq!(a.location, format!("/jobs/{}", job.id));
+    assert_eq!(job.created_by, "user:help");
+    assert_eq!(
+        crate::jobs::describe(&job.kind),
+        format!("restore of /docs from snapshot {s} of device {own} into /srv/restored")
+    );
+    // The job page polls its progress fragment while the job runs…
+    let page = h.ui(help, "GET", &a.location, "", false).await;
+    assert!(
+        page.body
+            .contains(&format!("hx-get=\"/jobs/{}/progress\"", job.id))
+    );
+    assert!(page.body.contains("queued"));
+    let taken = h
+        .catalog
+        .take_next_job(own, crate::clock::now_ms())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.id, job.id);
+    let report = |state, done| morgana_core::control::JobReport {
+        job_id: job.id.clone(),
+        state,
+        progress: morgana_core::control::JobProgress {
+            files_done: done,
+            files_total: 2,
+            bytes_done: done * 5,
+            bytes_total: 10,
+        },
+        message: String::new(),
+    };
+    use morgana_core::control::JobState;
+    h.catalog
+        .report_job(own, &report(JobState::Running, 1), crate::clock::now_ms())
+        .await
+        .unwrap()
+        .unwrap();
+    let frag = h
+        .ui(
+            help,
+            "GET",
+            &format!("/jobs/{}/progress", job.id),
+            "",
+            false,
+        )
+        .await;
+    assert!(
+        frag.body.contains("running") && frag.body.contains("1 of 2"),
+        "{}",
+        frag.body
+    );
+    assert!(frag.body.contains("hx-trigger"));
+    // …and stops once it has finished.
+    h.catalog
+        .report_job(own, &report(JobState::Succeeded, 2), crate::clock::now_ms())
+        .await
+        .unwrap()
+        .unwrap();
+    let frag = h
+        .ui(
+            help,
+            "GET",
+            &format!("/jobs/{}/progress", job.id),
+            "",
+            false,
+        )
+        .await;
+    assert!(frag.body.contains("succeeded") && frag.body.contains("2 of 2"));
+    assert!(!frag.body.contains("hx-trigger"), "{}", frag.body);
+    let list = h
+        .ui(help, "GET", &format!("/jobs?device={own}"), "", false)
+        .await;
+    assert!(list.body.contains(&job.id));
+
+    // A helpdesk user cannot revert a device, confirmed or not; nothing is queued.
+    for extra in ["", "&confirmed=yes"] {
+        let a = h
+            .ui(
+                help,
+                "POST",
+                &format!("/devices/{own}/restore"),
+                &format!("snapshot={s}&scope=full{extra}"),
+                true,
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN);
+        assert!(a.body.contains("protection manager"), "{}", a.body);
+    }
+    // A protection manager is told what a full revert does.
+    let a = h
+        .ui(
+            Who::As(Role::ProtectionManager),
+            "POST",
+            &format!("/devices/{own}/restore"),
+            &format!("snapshot={s}&scope=full"),
+            true,
+        )
+        .await;
+    assert!(a.body.contains("pre-revert snapshot") && a.body.contains("files it lacks are"));
+    // Bad input says what is wrong and queues nothing.
+    for (form, needle) in [
+        (
+            format!("snapshot={s}&scope=paths&path=%2Fa%2F..%2Fb"),
+            "without `..`",
+        ),
+        (format!("snapshot={s}&scope=paths&path=docs"), "absolute"),
+        (
+            "snapshot=nope&scope=paths&path=%2Fdocs&confirmed=yes".to_owned(),
+            "no snapshot",
+        ),
+        (
+            format!("snapshot={s}&scope=everything&confirmed=yes"),
+            "not a restore scope",
+        ),
+    ] {
+        let a = h
+            .ui(
+                help,
+                "POST",
+                &format!("/devices/{own}/restore"),
+                &form,
+                true,
+            )
+            .await;
+        assert!(a.status.is_client_error(), "{form}");
+        assert!(a.body.contains(needle), "{form}: {}", a.body);
+    }
+    // The API gives the same jobs.
+    let a = h
+        .api(help, "GET", &format!("/api/v1/jobs?device={own}"), None)
+        .await;
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(v["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(v["jobs"][0]["state"], "succeeded");
+    let a = h
+        .api(
+            help,
+            "POST",
+            &format!("/api/v1/devices/{own}/jobs"),
+            Some(r#"{"type":"restore","snapshot":"nope","paths":["/x"]}"#),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND, "{}", a.body);
+    let a = h
+        .api(
+            help,
+            "POST",
+            &format!("/api/v1/devices/{own}/jobs"),
+            Some(r#"{"type":"format-disk"}"#),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
 }

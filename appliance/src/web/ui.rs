@@ -71,7 +71,7 @@ pub struct Layout {
 }
 
 impl Layout {
-    fn anonymous(title: &str) -> Layout {
+    pub(super) fn anonymous(title: &str) -> Layout {
         Layout {
             title: title.to_owned(),
             user: String::new(),
@@ -178,7 +178,7 @@ fn safe_next(next: &str) -> Option<&str> {
     (next.starts_with('/') && !next.starts_with("//") && !next.contains('\\')).then_some(next)
 }
 
-fn query_string(p: &impl serde::Serialize) -> String {
+pub(super) fn query_string(p: &impl serde::Serialize) -> String {
     serde_urlencoded::to_string(p).unwrap_or_default()
 }
 
@@ -285,7 +285,7 @@ async fn view_login_post(State(state): State<WebState>, Form(f): Form<LoginForm>
     } else if user.role.sees_all_devices() {
         "/"
     } else {
-        "/account"
+        "/portal"
     };
     start_session(&state, &user, to).await
 }
@@ -554,6 +554,8 @@ struct DevicePage {
     snapshots: Vec<SnapshotRow>,
     events: Vec<EventRow>,
     notice: String,
+    run_jobs: bool,
+    portal_enabled: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -571,6 +573,11 @@ async fn view_device_get(
     let result = async {
         let d = ops::device(state.catalog(), &a.user, &id).await?;
         let snaps = ops::snapshots(state.catalog(), &d.id).await?;
+        let portal = state
+            .catalog()
+            .device_portal_enabled(&d.id)
+            .await?
+            .unwrap_or(false);
         let events = ops::events(
             state.catalog(),
             &EventParams {
@@ -580,10 +587,10 @@ async fn view_device_get(
             },
         )
         .await?;
-        Ok::<_, OpError>((d, snaps, events))
+        Ok::<_, OpError>((d, snaps, portal, events))
     }
     .await;
-    let (d, snaps, events) = match result {
+    let (d, snaps, portal_enabled, events) = match result {
         Ok(r) => r,
         Err(e) => return e.into_page(),
     };
@@ -606,8 +613,15 @@ async fn view_device_get(
         events: events.events.iter().map(EventRow::from).collect(),
         notice: match n.ok.as_str() {
             "owner" => "Owner saved.".into(),
+            "portal-on" => "The file portal is on for this device.".into(),
+            "portal-off" => {
+                "The file portal is off for this device: its owner cannot browse or download."
+                    .into()
+            }
             _ => String::new(),
         },
+        run_jobs: a.user.role.allows(auth::Permission::RunJobs),
+        portal_enabled,
     })
 }
 
@@ -643,6 +657,8 @@ pub struct Crumb {
 pub struct TreeRow {
     pub e: Listed,
     pub href: String,
+    /// The entry's path in the snapshot, query-encoded (for restore links).
+    pub path_query: String,
     pub size: String,
     /// Symlink target, or empty.
     pub target: String,
@@ -658,6 +674,9 @@ struct TreePage {
     crumbs: Vec<Crumb>,
     rows: Vec<TreeRow>,
     more: usize,
+    snapshot_id: String,
+    folder_query: String,
+    run_jobs: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -717,6 +736,7 @@ async fn view_tree_get(
                 String::new()
             };
             TreeRow {
+                path_query: query_string(&[("path", format!("{walked}/{}", listed.name))]),
                 target: listed.target.clone().unwrap_or_default(),
                 size: if listed.kind == "file" {
                     human_bytes(listed.size)
@@ -736,6 +756,9 @@ async fn view_tree_get(
         crumbs,
         rows,
         more: total.saturating_sub(browse::MAX_LISTED),
+        snapshot_id: s.id.clone(),
+        folder_query: query_string(&[("path", if walked.is_empty() { "/" } else { &walked })]),
+        run_jobs: a.user.role.allows(auth::Permission::RunJobs) && !d.revoked,
     })
 }
 

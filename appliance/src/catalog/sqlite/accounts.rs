@@ -414,6 +414,30 @@ impl SqliteCatalog {
         Ok(res.rows_affected() > 0)
     }
 
+    pub(super) async fn accounts_device_portal_enabled(&self, id: &str) -> Result<Option<bool>> {
+        let row = sqlx::query("SELECT portal_disabled FROM devices WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("looking up a device's portal setting"))?;
+        row.map(|r| {
+            r.try_get::<i64, _>("portal_disabled")
+                .map(|d| d == 0)
+                .map_err(q("reading a row"))
+        })
+        .transpose()
+    }
+
+    pub(super) async fn accounts_set_device_portal(&self, id: &str, enabled: bool) -> Result<bool> {
+        let res = sqlx::query("UPDATE devices SET portal_disabled = ? WHERE id = ?")
+            .bind(i64::from(!enabled))
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("setting a device's portal"))?;
+        Ok(res.rows_affected() > 0)
+    }
+
     pub(super) async fn accounts_fleet_stats(&self, protected_since: &str) -> Result<FleetStats> {
         const DOING: &str = "computing the dashboard's figures";
         let devices = sqlx::query(
