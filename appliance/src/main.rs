@@ -7,11 +7,13 @@ mod catalog;
 mod clock;
 mod commands;
 mod config;
+mod drivers;
 mod events;
 mod gc;
 mod hooks;
 mod jobs;
 mod layers;
+mod plugins;
 mod policy;
 mod random;
 mod rest;
@@ -56,6 +58,9 @@ enum Command {
     /// Capture, list and show base and app layers.
     #[command(subcommand)]
     Layer(commands::layer::LayerCommand),
+    /// Driver library: import driver sets, profiles that match hardware, preview, deliver.
+    #[command(subcommand)]
+    Driver(commands::driver::DriverCommand),
     /// Enrolled devices: status, last seen, inventory.
     #[command(subcommand)]
     Device(commands::device::Command),
@@ -120,6 +125,7 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Plugin(cmd) => commands::plugin::run(cmd).await,
+            Command::Driver(cmd) => commands::driver::run(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Policy(cmd) => commands::policy::run(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Alerts(cmd) => commands::alerts::run(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Device(cmd) => commands::device::run(cmd).await.map(|()| ExitCode::SUCCESS),

@@ -30,7 +30,7 @@ pub struct Route {
     handler: MethodRouter<WebState>,
 }
 
-fn route<H, T>(method: Method, path: &'static str, handler: H) -> Route
+pub(crate) fn route<H, T>(method: Method, path: &'static str, handler: H) -> Route
 where
     H: axum::handler::Handler<T, WebState>,
     T: 'static,
@@ -75,6 +75,19 @@ pub fn table() -> Vec<Route> {
         route(M::GET, "/api/v1/enroll-tokens", enroll_tokens),
         route(M::POST, "/api/v1/enroll-tokens", enroll_token_create),
     ]
+    .into_iter()
+    .chain(crate::web::plugins::api())
+    .collect()
+}
+
+impl Route {
+    /// Lets this route take bodies up to `bytes` (uploads), instead of axum's 2 MB.
+    pub(crate) fn body_limit(mut self, bytes: usize) -> Route {
+        self.handler = self
+            .handler
+            .layer(axum::extract::DefaultBodyLimit::max(bytes));
+        self
+    }
 }
 
 pub fn routes() -> Router<WebState> {

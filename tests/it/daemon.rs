@@ -15,16 +15,27 @@ use morgana_e2e::*;
 use serde_json::Value;
 
 /// A running `morgana-agent run`; stopped with SIGTERM by `stop`, killed on drop.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     log: PathBuf,
 }
 
 impl Daemon {
     fn start(agent: &Agent, sync_every: &str, log: &Path) -> Result<Daemon> {
+        Self::start_env(agent, sync_every, log, &[])
+    }
+
+    /// Started with extra environment variables (e.g. a fake inventory root).
+    pub(crate) fn start_env(
+        agent: &Agent,
+        sync_every: &str,
+        log: &Path,
+        env: &[(&str, &Path)],
+    ) -> Result<Daemon> {
         let file = fs::File::create(log)?;
         let child = agent
             .cmd("run")
+            .envs(env.iter().copied())
             .args(["--sync-every", sync_every])
             .env("MORGANA_LOG", "info")
             .stdout(Stdio::null())
@@ -37,7 +48,7 @@ impl Daemon {
         })
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
@@ -45,7 +56,7 @@ impl Daemon {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    fn stop(mut self) -> Result<ExitStatus> {
+    pub(crate) fn stop(mut self) -> Result<ExitStatus> {
         // SAFETY: signalling our own child by its pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let mut status = None;
@@ -64,12 +75,12 @@ impl Drop for Daemon {
     }
 }
 
-fn device_id(agent: &Agent) -> Result<String> {
+pub(crate) fn device_id(agent: &Agent) -> Result<String> {
     let json: Value = serde_json::from_slice(&fs::read(agent.state_dir.join("device.json"))?)?;
     Ok(json["device_id"].as_str().context("device_id")?.to_owned())
 }
 
-fn morgana_at(appliance: &Appliance, args: &[&str]) -> Output {
+pub(crate) fn morgana_at(appliance: &Appliance, args: &[&str]) -> Output {
     morgana()
         .args(args)
         .arg("--data-dir")
@@ -92,7 +103,7 @@ fn queue(appliance: &Appliance, args: &[&str]) -> Result<String> {
 }
 
 /// `morgana job wait`, which must succeed.
-fn wait_ok(appliance: &Appliance, daemon: &Daemon, id: &str) -> Result<()> {
+pub(crate) fn wait_ok(appliance: &Appliance, daemon: &Daemon, id: &str) -> Result<()> {
     let out = morgana_at(appliance, &["job", "wait", id, "--timeout", "3m"]);
     ensure!(
         out.status.success(),
@@ -129,7 +140,7 @@ fn count(agent: &Agent, reason: &str) -> usize {
         .unwrap_or(0)
 }
 
-fn write(root: &Path, rel: &str, data: &[u8]) -> Result<()> {
+pub(crate) fn write(root: &Path, rel: &str, data: &[u8]) -> Result<()> {
     let p = root.join(rel);
     fs::create_dir_all(p.parent().unwrap())?;
     fs::write(p, data)?;
