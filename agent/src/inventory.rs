@@ -4,12 +4,23 @@
 //! never fails.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use morgana_core::control::{Disk, Inventory, NetworkInterface, PciId};
 
 /// Block devices that are not disks.
 const NOT_DISKS: [&str; 3] = ["loop", "ram", "zram"];
+
+/// Names a directory read instead of `/` for the inventory (its `sys/`, `proc/`, `etc/`):
+/// a test and lab aid, so one machine can play devices with different hardware.
+pub const ROOT_ENV: &str = "MORGANA_AGENT_INVENTORY_ROOT";
+
+/// Where the inventory is read: `/`, unless [`ROOT_ENV`] names another directory.
+pub fn root() -> PathBuf {
+    std::env::var_os(ROOT_ENV)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from("/"), PathBuf::from)
+}
 
 pub fn collect(root: &Path) -> Inventory {
     let real = root == Path::new("/");

@@ -253,7 +253,7 @@ async fn heartbeats(
     let mut every = DEFAULT_HEARTBEAT;
     loop {
         let inventory =
-            tokio::task::spawn_blocking(|| crate::inventory::collect(std::path::Path::new("/")))
+            tokio::task::spawn_blocking(|| crate::inventory::collect(&crate::inventory::root()))
                 .await
                 .unwrap_or_default();
         let changed = held != Some(inventory.digest());

@@ -112,6 +112,7 @@ pub struct GcHorizon {
     pub snapshot_seq: i64,
     pub hold_seq: i64,
     pub layer_seq: i64,
+    pub driver_seq: i64,
 }
 
 /// A step of the collector that runs only if no root appeared beyond what it marked.
@@ -376,6 +377,27 @@ pub trait Catalog: Send + Sync {
     /// After a rollback job succeeded: the device has the layers it had before again.
     async fn roll_back_applied(&self, device_id: &str, job_id: &str, now: &str) -> Result<()>;
 
+    // ---- Driver library (issue 6) ----
+
+    /// Records the next version of `set.name` (1 for a new name).
+    async fn insert_driver_set(&self, set: &NewDriverSet) -> Result<DriverSetRecord>;
+
+    /// Every version of every driver set, by name then version.
+    async fn driver_sets(&self) -> Result<Vec<DriverSetRecord>>;
+
+    /// One version of a driver set, or its newest with `version: None`.
+    async fn driver_set(&self, name: &str, version: Option<u32>)
+    -> Result<Option<DriverSetRecord>>;
+
+    /// `(seq, root)` of driver sets with `seq > after_seq`, in seq order.
+    async fn driver_set_roots_page(&self, after_seq: i64, limit: u32) -> Result<Vec<(i64, Id)>>;
+
+    /// Creates or replaces driver profile `profile.name`.
+    async fn save_driver_profile(&self, profile: &DriverProfileRecord) -> Result<()>;
+
+    /// Every driver profile, by name.
+    async fn driver_profiles(&self) -> Result<Vec<DriverProfileRecord>>;
+
     // ---- Upload policies and alerts (issue 3) ----
 
     /// Saves `spec` as the next version of policy `name` (creating it), which is then the
@@ -601,6 +623,38 @@ pub struct LayerRecord {
     pub seq: i64,
     pub version: u32,
     pub layer: NewLayer,
+}
+
+/// A driver set version about to be recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewDriverSet {
+    pub name: String,
+    pub notes: String,
+    pub root: Id,
+    /// Regular files and their logical bytes in `root`.
+    pub files: u64,
+    pub bytes: u64,
+    /// RFC 3339 UTC.
+    pub created: String,
+    pub created_by: String,
+}
+
+/// One recorded driver set version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriverSetRecord {
+    pub seq: i64,
+    pub version: u32,
+    pub set: NewDriverSet,
+}
+
+/// A driver profile as stored: its spec is `drivers::ProfileSpec` as JSON, which the
+/// catalog does not interpret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriverProfileRecord {
+    pub name: String,
+    pub spec: String,
+    pub updated: String,
+    pub updated_by: String,
 }
 
 /// A device as the stale-device alert sees it.

@@ -3,6 +3,7 @@
 pub mod alerts;
 pub mod check;
 pub mod device;
+pub mod driver;
 pub mod enroll_token;
 pub mod events;
 pub mod gc;

@@ -8,7 +8,7 @@
 //!    snapshot (the commit releases its holds in the transaction that records the snapshot)
 //!    or the hold expires (an abandoned sync). A held tree keeps everything below it.
 //! 2. **Roots.** The collector marks everything reachable from every retained snapshot,
-//!    every layer and every live hold into a mark set kept in the catalog (not in memory).
+//!    every layer, every driver set and every live hold into a mark set kept in the catalog (not in memory).
 //! 3. **Fence.** Every deleting step runs in one write transaction that first checks that
 //!    no snapshot, layer or hold newer than what was marked exists; if one does, it changes
 //!    nothing, the collector marks from the new roots and retries. So nothing a committed
@@ -350,6 +350,26 @@ impl Collector<'_> {
             self.renew_lease().await?;
         }
         self.seen.layer_seq = self.seen.layer_seq.max(target.layer_seq);
+        // Driver sets likewise, for as long as they exist.
+        while self.seen.driver_seq < target.driver_seq {
+            let page = self
+                .catalog
+                .driver_set_roots_page(self.seen.driver_seq, PAGE)
+                .await?;
+            let Some(&(last, _)) = page.last() else { break };
+            let roots: Vec<Id> = page
+                .iter()
+                .filter(|(seq, _)| *seq <= target.driver_seq)
+                .map(|(_, root)| *root)
+                .collect();
+            self.mark_trees(roots).await?;
+            self.seen.driver_seq = last.min(target.driver_seq);
+            if last >= target.driver_seq {
+                break;
+            }
+            self.renew_lease().await?;
+        }
+        self.seen.driver_seq = self.seen.driver_seq.max(target.driver_seq);
         Ok(())
     }
 

@@ -9,9 +9,12 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, bail};
 use morgana_core::Id;
 use morgana_core::plugin::host::{Limits, Plugin, PluginHost};
-use morgana_core::plugin::types::{Disposition, FileEntry, LayerContext};
+use morgana_core::plugin::types::{
+    Disposition, DriverProfile, FileEntry, HardwareInventory, LayerContext, ProfileMatch,
+};
 use morgana_core::plugin::{
-    BuiltinLayerRules, Fallback, Hook, LayerRules, PluginError, PluginFailure,
+    BuiltinDriverMatcher, BuiltinLayerRules, DriverMatcher, Fallback, Hook, LayerRules,
+    PluginError, PluginFailure,
 };
 
 use crate::catalog::{Catalog, PluginRecord};
@@ -74,6 +77,22 @@ impl LayerRules for Loaded {
             Plugin::LayerRules(p) => p.classify(context, entries),
             other => Err(PluginError::Host {
                 doing: "calling the layer-rules hook",
+                detail: format!("the active plugin was loaded for {}", other.hook()),
+            }),
+        }
+    }
+}
+
+impl DriverMatcher for Loaded {
+    fn match_profiles(
+        &self,
+        inventory: &HardwareInventory,
+        profiles: &[DriverProfile],
+    ) -> Result<Vec<ProfileMatch>, PluginError> {
+        match self.0.as_ref() {
+            Plugin::DriverMatcher(p) => p.match_profiles(inventory, profiles),
+            other => Err(PluginError::Host {
+                doing: "calling the driver-matcher hook",
                 detail: format!("the active plugin was loaded for {}", other.hook()),
             }),
         }
@@ -178,6 +197,28 @@ impl Hooks {
         .await
         .map_err(|e| PluginError::Host {
             doing: "running the layer-rules hook",
+            detail: e.to_string(),
+        })??;
+        if let (Some(failure), Some((record, _))) = (&decision.failure, &active) {
+            self.failed(record, failure).await;
+        }
+        Ok(decision.value)
+    }
+
+    /// The profiles that apply to a device with `inventory`, each with the reason.
+    pub async fn match_profiles(
+        &self,
+        inventory: HardwareInventory,
+        profiles: Vec<DriverProfile>,
+    ) -> Result<Vec<ProfileMatch>, PluginError> {
+        let active = self.active(Hook::DriverMatcher).await;
+        let plugin = active.as_ref().map(|(_, p)| Loaded(p.clone()));
+        let decision = tokio::task::spawn_blocking(move || {
+            Fallback::new(plugin, BuiltinDriverMatcher).match_profiles(&inventory, &profiles)
+        })
+        .await
+        .map_err(|e| PluginError::Host {
+            doing: "running the driver-matcher hook",
             detail: e.to_string(),
         })??;
         if let (Some(failure), Some((record, _))) = (&decision.failure, &active) {

@@ -8,11 +8,13 @@ mod catalog;
 mod clock;
 mod commands;
 mod config;
+mod drivers;
 mod events;
 mod gc;
 mod hooks;
 mod jobs;
 mod layers;
+mod plugins;
 mod policy;
 mod random;
 mod rest;
@@ -61,6 +63,9 @@ enum Command {
     /// Saved device groups, for assigning layers to many devices at once.
     #[command(subcommand)]
     Group(commands::group::Command),
+    /// Driver library: import driver sets, profiles that match hardware, preview, deliver.
+    #[command(subcommand)]
+    Driver(commands::driver::DriverCommand),
     /// Enrolled devices: status, last seen, inventory.
     #[command(subcommand)]
     Device(commands::device::Command),
@@ -126,6 +131,7 @@ fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS),
             Command::Group(cmd) => commands::group::run(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Plugin(cmd) => commands::plugin::run(cmd).await,
+            Command::Driver(cmd) => commands::driver::run(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Policy(cmd) => commands::policy::run(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Alerts(cmd) => commands::alerts::run(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Device(cmd) => commands::device::run(cmd).await.map(|()| ExitCode::SUCCESS),

@@ -33,7 +33,7 @@ pub struct Route {
     handler: MethodRouter<WebState>,
 }
 
-fn route<H, T>(method: Method, path: &'static str, handler: H) -> Route
+pub(crate) fn route<H, T>(method: Method, path: &'static str, handler: H) -> Route
 where
     H: axum::handler::Handler<T, WebState>,
     T: 'static,
@@ -80,7 +80,18 @@ pub fn table() -> Vec<Route> {
     ];
     routes.extend(jobs::table());
     routes.extend(policies::table());
+    routes.extend(crate::web::plugins::api());
     routes
+}
+
+impl Route {
+    /// Lets this route take bodies up to `bytes` (uploads), instead of axum's 2 MB.
+    pub(crate) fn body_limit(mut self, bytes: usize) -> Route {
+        self.handler = self
+            .handler
+            .layer(axum::extract::DefaultBodyLimit::max(bytes));
+        self
+    }
 }
 
 pub fn routes() -> Router<WebState> {

@@ -13,6 +13,7 @@ pub mod assets;
 pub mod browse;
 pub mod jobs;
 pub mod ops;
+pub mod plugins;
 pub mod policies;
 pub mod portal;
 pub mod ui;
@@ -42,14 +43,21 @@ pub(crate) struct WebInner {
     /// DER of the appliance CA: enrolment tokens carry its pin.
     pub ca_cert_der: Vec<u8>,
     pub logins: LoginLimiter,
+    /// Where plugins (and their compiled code) are stored.
+    pub data: crate::config::DataDir,
 }
 
 impl WebState {
-    pub fn new(catalog: Arc<dyn Catalog>, ca_cert_der: Vec<u8>) -> WebState {
+    pub fn new(
+        catalog: Arc<dyn Catalog>,
+        ca_cert_der: Vec<u8>,
+        data: crate::config::DataDir,
+    ) -> WebState {
         WebState(Arc::new(WebInner {
             catalog,
             ca_cert_der,
             logins: LoginLimiter::default(),
+            data,
         }))
     }
 
@@ -64,6 +72,7 @@ pub fn router(state: WebState) -> Router {
         .merge(jobs::routes())
         .merge(policies::routes())
         .merge(portal::routes())
+        .merge(plugins::routes())
         .layer(middleware::from_fn(require_csrf));
     Router::new()
         .merge(ui)
@@ -114,6 +123,13 @@ async fn require_csrf(req: Request, next: Next) -> Response {
     // The login form is sent without a session (or with a stale one, which it replaces):
     // there, only the browser's own word that it came from another site refuses it.
     let session = auth::session_secret(req.headers()).filter(|_| req.uri().path() != "/login");
+    // A file upload is multipart, which is not parsed here: its form puts the token in the
+    // query string instead.
+    let multipart_token = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"multipart/form-data"))
+        .then(|| form_urlencoded_field(req.uri().query().unwrap_or("").as_bytes(), "csrf"));
     let Some(secret) = session else {
         if cross_site {
             return csrf_refused();
@@ -124,6 +140,13 @@ async fn require_csrf(req: Request, next: Next) -> Response {
     let expected = auth::csrf_token(&secret);
     if let Some(v) = req.headers().get(auth::CSRF_HEADER) {
         return if v.as_bytes() == expected.as_bytes() {
+            next.run(req).await
+        } else {
+            csrf_refused()
+        };
+    }
+    if let Some(token) = multipart_token {
+        return if token.as_deref() == Some(expected.as_str()) {
             next.run(req).await
         } else {
             csrf_refused()

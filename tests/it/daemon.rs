@@ -34,6 +34,7 @@ impl Daemon {
         let file = fs::OpenOptions::new().create(true).append(true).open(log)?;
         let child = agent
             .cmd("run")
+            .envs(env.iter().copied())
             .args(["--sync-every", sync_every])
             .envs(env.iter().copied())
             .env("MORGANA_LOG", "info")
@@ -139,7 +140,7 @@ fn count(agent: &Agent, reason: &str) -> usize {
         .unwrap_or(0)
 }
 
-fn write(root: &Path, rel: &str, data: &[u8]) -> Result<()> {
+pub(crate) fn write(root: &Path, rel: &str, data: &[u8]) -> Result<()> {
     let p = root.join(rel);
     fs::create_dir_all(p.parent().unwrap())?;
     fs::write(p, data)?;

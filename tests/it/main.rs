@@ -4,6 +4,7 @@
 mod daemon;
 mod damage;
 mod dedup;
+mod drivers;
 mod fidelity;
 mod gc;
 mod image;

@@ -1,9 +1,7 @@
 //! `morgana-agent inventory`: the hardware and OS facts the agent reports.
 
-use std::path::Path;
-
 pub fn run(json: bool) -> anyhow::Result<()> {
-    let inv = crate::inventory::collect(Path::new("/"));
+    let inv = crate::inventory::collect(&crate::inventory::root());
     if json {
         println!("{}", serde_json::to_string_pretty(&inv)?);
         return Ok(());

@@ -17,9 +17,9 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::{
     ApiTokenRecord, BlobLocation, Catalog, CatalogError, Device, DeviceProtection, DeviceQuery,
-    DeviceStatus, DeviceSummary, EnrollTokenRecord, Fenced, FleetStats, GcHorizon, HeartbeatRecord,
-    JobRecord, LayerRecord, NewLayer, NewPlugin, OpenAlert, PackRecord, PackUsage, PluginRecord,
-    Result, User, UserChange,
+    DeviceStatus, DeviceSummary, DriverProfileRecord, DriverSetRecord, EnrollTokenRecord, Fenced,
+    FleetStats, GcHorizon, HeartbeatRecord, JobRecord, LayerRecord, NewDriverSet, NewLayer,
+    NewPlugin, OpenAlert, PackRecord, PackUsage, PluginRecord, Result, User, UserChange,
 };
 use crate::events::{ChainCheck, Event, EventFilter, NewEvent};
 use crate::policy::{PolicySpec, PolicyVersion};
@@ -28,6 +28,7 @@ use morgana_core::plugin::Hook;
 
 mod accounts;
 mod assignments;
+mod drivers;
 mod events;
 mod jobs;
 mod layers;
@@ -361,7 +362,8 @@ async fn moved_horizon(conn: &mut SqliteConnection, seen: GcHorizon) -> Result<O
     let now = horizon(conn).await?;
     Ok((now.snapshot_seq > seen.snapshot_seq
         || now.hold_seq > seen.hold_seq
-        || now.layer_seq > seen.layer_seq)
+        || now.layer_seq > seen.layer_seq
+        || now.driver_seq > seen.driver_seq)
         .then_some(now))
 }
 
@@ -370,7 +372,8 @@ async fn horizon(conn: &mut SqliteConnection) -> Result<GcHorizon> {
     let row = sqlx::query(
         "SELECT (SELECT COALESCE(MAX(seq), 0) FROM snapshots) AS s, \
                 (SELECT COALESCE(MAX(seq), 0) FROM holds) AS h, \
-                (SELECT COALESCE(MAX(seq), 0) FROM layers) AS l",
+                (SELECT COALESCE(MAX(seq), 0) FROM layers) AS l, \
+                (SELECT COALESCE(MAX(seq), 0) FROM driver_sets) AS d",
     )
     .fetch_one(&mut *conn)
     .await
@@ -379,6 +382,7 @@ async fn horizon(conn: &mut SqliteConnection) -> Result<GcHorizon> {
         snapshot_seq: row.try_get("s").map_err(q(DOING))?,
         hold_seq: row.try_get("h").map_err(q(DOING))?,
         layer_seq: row.try_get("l").map_err(q(DOING))?,
+        driver_seq: row.try_get("d").map_err(q(DOING))?,
     })
 }
 
@@ -1154,6 +1158,34 @@ impl Catalog for SqliteCatalog {
 
     async fn roll_back_applied(&self, device_id: &str, job_id: &str, now: &str) -> Result<()> {
         self.applied_roll_back(device_id, job_id, now).await
+    }
+
+    async fn insert_driver_set(&self, set: &NewDriverSet) -> Result<DriverSetRecord> {
+        self.driver_sets_insert(set).await
+    }
+
+    async fn driver_sets(&self) -> Result<Vec<DriverSetRecord>> {
+        self.driver_sets_all().await
+    }
+
+    async fn driver_set(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Option<DriverSetRecord>> {
+        self.driver_sets_one(name, version).await
+    }
+
+    async fn driver_set_roots_page(&self, after_seq: i64, limit: u32) -> Result<Vec<(i64, Id)>> {
+        self.driver_sets_roots_page(after_seq, limit).await
+    }
+
+    async fn save_driver_profile(&self, profile: &DriverProfileRecord) -> Result<()> {
+        self.driver_profiles_save(profile).await
+    }
+
+    async fn driver_profiles(&self) -> Result<Vec<DriverProfileRecord>> {
+        self.driver_profiles_all().await
     }
 
     async fn save_policy(

@@ -332,7 +332,7 @@ pub async fn layer(cmd: LayerCommand) -> anyhow::Result<()> {
                 );
             };
             let paths = if files {
-                Some(list_files(catalog.as_ref(), &record).await?)
+                Some(list_files(catalog.as_ref(), record.layer.root).await?)
             } else {
                 None
             };
@@ -463,10 +463,14 @@ fn print_captured(r: &LayerRecord) {
     );
 }
 
-/// Every path in the layer's tree, depth first, directories with a trailing `/`.
-async fn list_files(catalog: &dyn Catalog, record: &LayerRecord) -> anyhow::Result<Vec<String>> {
+/// Every path in the tree `root` (a layer's, a driver set's), sorted, directories with a
+/// trailing `/`.
+pub async fn list_files(
+    catalog: &dyn Catalog,
+    root: morgana_core::Id,
+) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
-    let mut stack = vec![(record.layer.root, Vec::<u8>::new())];
+    let mut stack = vec![(root, Vec::<u8>::new())];
     while let Some((id, dir)) = stack.pop() {
         let tree = load_tree(catalog, id).await?;
         for e in tree.entries.iter().rev() {

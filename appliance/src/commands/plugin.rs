@@ -1,17 +1,16 @@
 //! `morgana plugin …`: add, list, enable, disable and test WASM plugins.
 //!
-//! The REST API and the Administrator page for plugins come later; these commands and the
-//! catalog methods they use are what both will call.
+//! Adding, enabling and disabling go through [`crate::plugins`], as the REST API and the
+//! Administrator page do.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use morgana_core::Id;
 use morgana_core::plugin::Hook;
 use morgana_core::plugin::host::{Limits, PluginHost};
 
-use crate::catalog::{Catalog, NewPlugin, PluginRecord, SqliteCatalog};
+use crate::catalog::{Catalog, PluginRecord, SqliteCatalog};
 use crate::config::{DEFAULT_DATA_DIR, DataDir};
 
 #[derive(Debug, clap::Subcommand)]
@@ -135,40 +134,10 @@ async fn add(args: AddArgs) -> anyhow::Result<()> {
         None => default_name(&args.file)?,
     };
     let (data, catalog) = open_catalog(&args.dir.data_dir).await?;
-    let cache = data.plugin_cache_dir();
-    let hook = args.hook;
-    {
-        let name = name.clone();
-        let bytes = bytes.clone();
-        // Compiling fills the cache too, so the appliance's first call does not pay for it.
-        tokio::task::spawn_blocking(move || {
-            let host = PluginHost::new(Some(cache), Limits::default())?;
-            host.load(&name, hook, &bytes).map(drop)
-        })
-        .await
-        .context("the plugin validation thread panicked")?
-        .with_context(|| format!("refusing {}", args.file.display()))?;
-    }
-    let hash = Id::of(&bytes);
-    let path = data.plugins_dir().join(format!("{}.wasm", hash.to_hex()));
-    write_atomically(&path, &bytes)
-        .with_context(|| format!("cannot store the component as {}", path.display()))?;
-    let record = catalog
-        .add_plugin(&NewPlugin {
-            name,
-            hook,
-            hash,
-            size: bytes.len() as u64,
-            added: crate::clock::rfc3339_ms(crate::clock::now_ms()),
-        })
-        .await
-        .context("cannot record the plugin in the catalog")?;
-    let record = if args.enable {
-        catalog.enable_plugin(record.id).await?
-    } else {
-        record
-    };
+    let added =
+        crate::plugins::add(&catalog, &data, "cli", &name, args.hook, bytes, args.enable).await;
     catalog.close().await;
+    let record = added.with_context(|| format!("refusing {}", args.file.display()))?;
     println!(
         "added plugin {}: {} v{} on {} ({} bytes), {}",
         record.id,
@@ -186,18 +155,6 @@ async fn add(args: AddArgs) -> anyhow::Result<()> {
         }
     );
     Ok(())
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 async fn list(args: DirArgs) -> anyhow::Result<()> {
@@ -234,24 +191,13 @@ fn print_row(p: &PluginRecord) {
     );
 }
 
-/// Loads a stored plugin version through the host (compiled code from the cache).
-pub async fn load_stored(data: &DataDir, record: &PluginRecord) -> anyhow::Result<()> {
-    let (data, record) = (data.clone(), record.clone());
-    tokio::task::spawn_blocking(move || {
-        let host = PluginHost::new(Some(data.plugin_cache_dir()), Limits::default())?;
-        crate::hooks::load_stored(&data, &host, &record).map(drop)
-    })
-    .await
-    .context("the plugin loading thread panicked")?
-}
-
 /// Checks (and compiles into the cache) the active plugin of every hook; a broken one is
 /// reported, and its hook uses the built-in.
 pub async fn check_active(catalog: &dyn Catalog, data: &DataDir) {
     for hook in Hook::ALL {
         match catalog.active_plugin(hook).await {
             Ok(None) => {}
-            Ok(Some(record)) => match load_stored(data, &record).await {
+            Ok(Some(record)) => match crate::plugins::check_loads(data, &record).await {
                 Ok(()) => tracing::info!(
                     hook = %hook, plugin = %record.name, version = record.version,
                     "plugin active"
@@ -268,19 +214,9 @@ pub async fn check_active(catalog: &dyn Catalog, data: &DataDir) {
 
 async fn switch(args: IdArgs, on: bool) -> anyhow::Result<()> {
     let (data, catalog) = open_catalog(&args.dir.data_dir).await?;
-    let record = if on {
-        // Never switch a hook over to a component that no longer loads.
-        let Some(record) = catalog.plugin(args.id).await? else {
-            return Err(crate::catalog::CatalogError::PluginUnknown(args.id).into());
-        };
-        load_stored(&data, &record)
-            .await
-            .with_context(|| format!("not enabling plugin {}", args.id))?;
-        catalog.enable_plugin(args.id).await?
-    } else {
-        catalog.disable_plugin(args.id).await?
-    };
+    let switched = crate::plugins::set_enabled(&catalog, &data, "cli", args.id, on).await;
     catalog.close().await;
+    let record = switched?;
     if on {
         println!(
             "plugin {} ({} v{}) is now the active {}",

@@ -135,7 +135,7 @@ async fn harness() -> Harness {
     let catalog: Arc<dyn Catalog> =
         Arc::new(SqliteCatalog::open(&data.catalog(), true).await.unwrap());
     let store = Arc::new(PackStore::open(&[data.default_volume()]).unwrap());
-    let web = super::WebState::new(catalog.clone(), pki.ca_cert_der.to_vec());
+    let web = super::WebState::new(catalog.clone(), pki.ca_cert_der.to_vec(), data.clone());
     let app = crate::api::router(AppState::new(catalog.clone(), store.clone(), pki))
         .merge(super::router(web));
 
@@ -508,6 +508,30 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
             PROTECTION,
             StatusCode::SEE_OTHER,
         ),
+        // ---- Plugins (issue 5): administrators only. A form that is not a file upload is
+        // refused as bad input; plugin 999 does not exist.
+        ("GET", "/plugins".into(), "".into(), ADMIN, StatusCode::OK),
+        (
+            "POST",
+            "/plugins".into(),
+            "hook=layer-rules".into(),
+            ADMIN,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/plugins/999/enable".into(),
+            "".into(),
+            ADMIN,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "POST",
+            "/plugins/999/disable".into(),
+            "".into(),
+            ADMIN,
+            StatusCode::NOT_FOUND,
+        ),
         ("GET", "/account".into(), "".into(), ANY, StatusCode::OK),
         // Wrong current password: allowed to try, refused as bad input.
         (
@@ -786,6 +810,30 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
             Some(format!(r#"{{"devices":["{own}"]}}"#)),
             PROTECTION,
             StatusCode::OK,
+        ),
+        // ---- Plugins (issue 5): administrators only. `{}` is not a component, so it is
+        // refused by the host's validation; plugin 999 does not exist.
+        ("GET", "/api/v1/plugins".into(), None, ADMIN, StatusCode::OK),
+        (
+            "POST",
+            "/api/v1/plugins?hook=layer-rules&name=junk".into(),
+            Some("{}".into()),
+            ADMIN,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/api/v1/plugins/999/enable".into(),
+            None,
+            ADMIN,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "POST",
+            "/api/v1/plugins/999/disable".into(),
+            None,
+            ADMIN,
+            StatusCode::NOT_FOUND,
         ),
     ];
     // Jobs and the portal switch (issue 4, second slice).
@@ -1985,4 +2033,57 @@ async fn restores_from_the_ui_are_confirmed_then_queued_and_followed() {
         )
         .await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+}
+
+#[tokio::test]
+async fn a_plugin_upload_is_refused_with_the_hosts_words_and_nothing_is_stored() {
+    let h = harness().await;
+    let junk = b"\0asm not really";
+    // What `morgana plugin add` prints after "refusing FILE: ".
+    let host = morgana_core::plugin::host::PluginHost::new(
+        None,
+        morgana_core::plugin::host::Limits::default(),
+    )
+    .unwrap();
+    let want = host
+        .load("junk", morgana_core::plugin::Hook::LayerRules, junk)
+        .err()
+        .unwrap()
+        .to_string();
+    let req = Request::builder()
+        .method("POST")
+        .uri("/api/v1/plugins?hook=layer-rules&name=junk")
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", h.token(Role::Administrator)),
+        )
+        .header(header::CONTENT_TYPE, "application/wasm")
+        .body(Body::from(junk.to_vec()))
+        .unwrap();
+    let a = h.send(req).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    let error: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(error["error"], want.as_str());
+
+    let a = h
+        .api(
+            Who::As(Role::Administrator),
+            "POST",
+            "/api/v1/plugins?hook=no-such-hook&name=x",
+            Some("x"),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(
+        a.body
+            .contains("driver-matcher, layer-rules, reflector-selector"),
+        "{}",
+        a.body
+    );
+
+    let list = h
+        .api(Who::As(Role::Administrator), "GET", "/api/v1/plugins", None)
+        .await;
+    assert_eq!(list.body, "[]");
+    assert!(h.catalog.plugins().await.unwrap().is_empty());
 }

@@ -87,7 +87,7 @@ impl Layout {
         }
     }
 
-    pub(super) fn of<N>(a: &Auth<N>, title: &str, nav: &'static str) -> Layout {
+    pub(crate) fn of<N>(a: &Auth<N>, title: &str, nav: &'static str) -> Layout {
         Layout {
             user: a.user.name.clone(),
             role: a.user.role.label(),
@@ -104,7 +104,7 @@ impl Layout {
     }
 }
 
-pub(super) fn render(t: &impl Template) -> Response {
+pub(crate) fn render(t: &impl Template) -> Response {
     match t.render() {
         Ok(html) => Html(html).into_response(),
         Err(e) => {
