@@ -11,6 +11,7 @@
 
 pub mod assets;
 pub mod browse;
+pub mod images;
 pub mod jobs;
 pub mod ops;
 pub mod plugins;
@@ -69,6 +70,7 @@ impl WebState {
 /// The UI and the REST API, to merge into the appliance's router.
 pub fn router(state: WebState) -> Router {
     let ui = ui::routes()
+        .merge(images::routes())
         .merge(jobs::routes())
         .merge(policies::routes())
         .merge(portal::routes())

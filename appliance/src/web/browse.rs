@@ -10,7 +10,7 @@ use morgana_core::Id;
 use morgana_core::tree::{Content, Entry, Kind, Tree, TreeError};
 
 use crate::catalog::{Catalog, CatalogError};
-use crate::store::{PackStore, PackStoreError, with_codec};
+use crate::store::{PackStoreError, TreeLoadError, load_tree};
 
 /// Directory entries listed per page at most.
 pub const MAX_LISTED: usize = 2000;
@@ -38,14 +38,13 @@ pub enum BrowseError {
 }
 
 pub async fn read_tree(catalog: &dyn Catalog, id: Id) -> Result<Tree, BrowseError> {
-    let Some(Some(loc)) = catalog.locate_blobs(&[id]).await?.into_iter().next() else {
-        return Err(BrowseError::MissingTree(id));
-    };
-    tokio::task::spawn_blocking(move || -> Result<Tree, BrowseError> {
-        let raw = with_codec(|codec| PackStore::read_blob(&loc, codec))?;
-        Tree::decode(&raw).map_err(|source| BrowseError::BadTree { id, source })
+    load_tree(catalog, id).await.map_err(|e| match e {
+        TreeLoadError::Missing { id } => BrowseError::MissingTree(id),
+        TreeLoadError::Bad { id, source } => BrowseError::BadTree { id, source },
+        TreeLoadError::Catalog(e) => BrowseError::Catalog(e),
+        TreeLoadError::Store(e) => BrowseError::Store(e),
+        TreeLoadError::Task(e) => BrowseError::Task(e),
     })
-    .await?
 }
 
 /// `/a/b/` → `["a", "b"]`; empty and `.` components are dropped.

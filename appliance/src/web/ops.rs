@@ -244,11 +244,28 @@ pub async fn device(catalog: &dyn Catalog, caller: &User, id: &str) -> OpResult<
         ))
     };
     let d = catalog.device_summary(id).await?.ok_or_else(not_found)?;
-    if caller.role.sees_all_devices() || d.owner.as_deref() == Some(caller.name.as_str()) {
-        Ok(d)
-    } else {
-        Err(not_found())
+    if caller.role.sees_all_devices() {
+        return Ok(d);
     }
+    if d.owner.as_deref() != Some(caller.name.as_str()) {
+        return Err(not_found());
+    }
+    // An end user reaches their files through the portal or the API alike: turning the
+    // portal off closes both.
+    require_portal(catalog, &d).await?;
+    Ok(d)
+}
+
+/// Refuses when an administrator turned the file portal off for `d`.
+pub async fn require_portal(catalog: &dyn Catalog, d: &DeviceSummary) -> OpResult<()> {
+    if catalog.device_portal_enabled(&d.id).await?.unwrap_or(false) {
+        return Ok(());
+    }
+    Err(OpError::Forbidden(format!(
+        "the file portal is turned off for {}, so its files cannot be browsed or downloaded \
+         here; ask your administrator to turn it on (device page, File portal)",
+        d.hostname
+    )))
 }
 
 /// A device's snapshots, newest first.

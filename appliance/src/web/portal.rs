@@ -84,13 +84,7 @@ pub async fn portal_device(
     if d.owner.as_deref() != Some(caller.name.as_str()) {
         return Err(not_found());
     }
-    if !catalog.device_portal_enabled(&d.id).await?.unwrap_or(false) {
-        return Err(OpError::Forbidden(format!(
-            "the file portal is turned off for {}, so its files cannot be browsed or \
-             downloaded here; ask your administrator to turn it on (device page, File portal)",
-            d.hostname
-        )));
-    }
+    super::ops::require_portal(catalog, &d).await?;
     Ok(d)
 }
 

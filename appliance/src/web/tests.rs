@@ -331,6 +331,8 @@ const STAFF: &[Role] = &[
 const ADMIN: &[Role] = &[Role::Administrator];
 /// Sync now and file/folder restores.
 const RUN_JOBS: &[Role] = &[Role::Administrator, Role::ProtectionManager, Role::Helpdesk];
+/// Layers, reference machines, drivers.
+const IMAGES: &[Role] = &[Role::Administrator, Role::ImageManager];
 /// Policies, retention, full and system-only reverts.
 const PROTECTION: &[Role] = &[Role::Administrator, Role::ProtectionManager];
 const ANY: &[Role] = &Role::ALL;
@@ -465,6 +467,7 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
             ADMIN,
             StatusCode::OK,
         ),
+        ("GET", "/images".into(), "".into(), IMAGES, StatusCode::OK),
         (
             "GET",
             "/policies".into(),
@@ -1755,6 +1758,14 @@ async fn an_administrator_turns_the_portal_off_and_on() {
     }
     let a = h.ui(end, "GET", "/portal", "", false).await;
     assert!(a.body.contains("The portal is off for this device"));
+    // The API's device routes are closed to the end user as well.
+    for path in [
+        format!("/api/v1/devices/{own}/snapshots"),
+        format!("/api/v1/devices/{own}/snapshots/{s}/tree?path=/docs"),
+    ] {
+        let a = h.api(end, "GET", &path, None).await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{path}: {}", a.body);
+    }
     // Search skips it.
     let a = h.ui(end, "GET", "/portal/search?q=cat", "", false).await;
     assert!(

@@ -61,6 +61,8 @@ pub struct Layout {
     pub staff: bool,
     /// May manage policies, retention and full restores.
     pub protection: bool,
+    /// May manage layers, reference machines and drivers.
+    pub images: bool,
     pub admin: bool,
     pub csrf: String,
     /// Which navigation entry is current.
@@ -78,6 +80,7 @@ impl Layout {
             role: "",
             staff: false,
             protection: false,
+            images: false,
             admin: false,
             csrf: String::new(),
             nav: "",
