@@ -166,6 +166,28 @@ async fn close(
 /// How much of the filesystem holding `dir` is used, as `df` counts it: the blocks
 /// reserved for root count as neither used nor available.
 pub fn used_percent(dir: &Path) -> std::io::Result<f64> {
+    space(dir).map(|s| s.used_percent())
+}
+
+/// Bytes used and available to ordinary writers on the filesystem holding a directory.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Space {
+    pub used: u64,
+    pub available: u64,
+}
+
+impl Space {
+    pub fn used_percent(&self) -> f64 {
+        let usable = self.used + self.available;
+        if usable == 0 {
+            return 0.0;
+        }
+        self.used as f64 * 100.0 / usable as f64
+    }
+}
+
+/// [`Space`] of the filesystem holding `dir`.
+pub fn space(dir: &Path) -> std::io::Result<Space> {
     let c = CString::new(dir.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
@@ -177,17 +199,25 @@ pub fn used_percent(dir: &Path) -> std::io::Result<f64> {
     let st = unsafe { st.assume_init() };
     // The block counts are u32 on some targets.
     #[allow(clippy::unnecessary_cast)]
-    let (blocks, free, available) = (st.f_blocks as u64, st.f_bfree as u64, st.f_bavail as u64);
-    Ok(percent(blocks, free, available))
+    let (blocks, free, available, size) = (
+        st.f_blocks as u64,
+        st.f_bfree as u64,
+        st.f_bavail as u64,
+        st.f_frsize as u64,
+    );
+    Ok(Space {
+        used: blocks.saturating_sub(free) * size,
+        available: available * size,
+    })
 }
 
+#[cfg(test)]
 fn percent(blocks: u64, free: u64, available: u64) -> f64 {
-    let used = blocks.saturating_sub(free);
-    let usable = used + available;
-    if usable == 0 {
-        return 0.0;
+    Space {
+        used: blocks.saturating_sub(free),
+        available,
     }
-    used as f64 * 100.0 / usable as f64
+    .used_percent()
 }
 
 #[cfg(test)]

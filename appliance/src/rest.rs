@@ -81,6 +81,7 @@ pub fn table() -> Vec<Route> {
     routes.extend(jobs::table());
     routes.extend(policies::table());
     routes.extend(crate::web::plugins::api());
+    routes.extend(crate::web::nodes::api());
     routes
 }
 

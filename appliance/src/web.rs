@@ -13,6 +13,7 @@ pub mod assets;
 pub mod browse;
 pub mod images;
 pub mod jobs;
+pub mod nodes;
 pub mod ops;
 pub mod plugins;
 pub mod policies;
@@ -46,6 +47,8 @@ pub(crate) struct WebInner {
     pub logins: LoginLimiter,
     /// Where plugins (and their compiled code) are stored.
     pub data: crate::config::DataDir,
+    /// The volumes new packs go to, for the nodes and volumes page.
+    pub volumes: Vec<std::path::PathBuf>,
 }
 
 impl WebState {
@@ -53,12 +56,14 @@ impl WebState {
         catalog: Arc<dyn Catalog>,
         ca_cert_der: Vec<u8>,
         data: crate::config::DataDir,
+        volumes: Vec<std::path::PathBuf>,
     ) -> WebState {
         WebState(Arc::new(WebInner {
             catalog,
             ca_cert_der,
             logins: LoginLimiter::default(),
             data,
+            volumes,
         }))
     }
 
@@ -72,6 +77,7 @@ pub fn router(state: WebState) -> Router {
     let ui = ui::routes()
         .merge(images::routes())
         .merge(jobs::routes())
+        .merge(nodes::routes())
         .merge(policies::routes())
         .merge(portal::routes())
         .merge(plugins::routes())

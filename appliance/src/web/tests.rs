@@ -135,7 +135,12 @@ async fn harness() -> Harness {
     let catalog: Arc<dyn Catalog> =
         Arc::new(SqliteCatalog::open(&data.catalog(), true).await.unwrap());
     let store = Arc::new(PackStore::open(&[data.default_volume()]).unwrap());
-    let web = super::WebState::new(catalog.clone(), pki.ca_cert_der.to_vec(), data.clone());
+    let web = super::WebState::new(
+        catalog.clone(),
+        pki.ca_cert_der.to_vec(),
+        data.clone(),
+        store.volumes().to_vec(),
+    );
     let app = crate::api::router(AppState::new(catalog.clone(), store.clone(), pki))
         .merge(super::router(web));
 
@@ -468,6 +473,7 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
             StatusCode::OK,
         ),
         ("GET", "/images".into(), "".into(), IMAGES, StatusCode::OK),
+        ("GET", "/nodes".into(), "".into(), ADMIN, StatusCode::OK),
         (
             "GET",
             "/policies".into(),
@@ -817,6 +823,7 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
         // ---- Plugins (issue 5): administrators only. `{}` is not a component, so it is
         // refused by the host's validation; plugin 999 does not exist.
         ("GET", "/api/v1/plugins".into(), None, ADMIN, StatusCode::OK),
+        ("GET", "/api/v1/nodes".into(), None, ADMIN, StatusCode::OK),
         (
             "POST",
             "/api/v1/plugins?hook=layer-rules&name=junk".into(),
@@ -2097,4 +2104,33 @@ async fn a_plugin_upload_is_refused_with_the_hosts_words_and_nothing_is_stored()
         .await;
     assert_eq!(list.body, "[]");
     assert!(h.catalog.plugins().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_nodes_page_counts_each_volumes_packs_and_space() {
+    let h = harness().await;
+    let _ = h.chunked_snapshot().await;
+    let packs = h.catalog.packs_page(None, 1000).await.unwrap();
+    let bytes: u64 = packs.iter().map(|p| p.size).sum();
+    let a = h
+        .api(Who::As(Role::Administrator), "GET", "/api/v1/nodes", None)
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    let vol = &v["volumes"][0];
+    assert!(!packs.is_empty());
+    assert_eq!(vol["packs"], packs.len() as u64, "{v}");
+    assert_eq!(vol["pack_bytes"], bytes, "{v}");
+    assert_eq!(v["packs_elsewhere"], 0);
+    let pct = vol["used_percent"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&pct), "{v}");
+    assert!(vol["available_bytes"].as_u64().unwrap() > 0, "{v}");
+    let page = h
+        .ui(Who::As(Role::Administrator), "GET", "/nodes", "", false)
+        .await;
+    assert!(
+        page.body.contains(vol["path"].as_str().unwrap()),
+        "{}",
+        page.body
+    );
 }
