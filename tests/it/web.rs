@@ -429,17 +429,26 @@ async fn restore_and_download(
 
     // The job page follows the job by itself (htmx polling) until it has succeeded.
     wait_css(c, "#job-progress").await?;
-    let state = wait_xpath(
-        c,
-        "//span[@id='job-state' and (text()='succeeded' or text()='failed')]",
-    )
-    .await?
-    .text()
-    .await?;
-    let message = match c.find(Locator::Css("#job-message")).await {
-        Ok(m) => m.text().await?,
-        Err(_) => String::new(),
+    // Read through the page's script, not element handles: htmx replaces the fragment on
+    // every poll, so a handle found a moment ago may be gone ("stale element").
+    let text_of = |id: &'static str| async move {
+        let v = c
+            .execute(
+                "const e = document.getElementById(arguments[0]); return e ? e.textContent : '';",
+                vec![serde_json::json!(id)],
+            )
+            .await?;
+        anyhow::Ok(v.as_str().unwrap_or_default().trim().to_owned())
     };
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let state = loop {
+        let state = text_of("job-state").await?;
+        if state == "succeeded" || state == "failed" || std::time::Instant::now() > deadline {
+            break state;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let message = text_of("job-message").await?;
     assert_eq!(state, "succeeded", "{message}");
     screenshot(c, "job").await?;
     // The folder arrives under its own name, byte for byte.
