@@ -18,11 +18,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use morgana_core::Id;
-use morgana_core::control::RuleSet;
 use morgana_core::pack::{BlobKind, PackBuilder};
 use morgana_core::plugin::PluginError;
 use morgana_core::plugin::types::{DispositionKind, FileEntry, FileKind, LayerContext, LayerKind};
-use morgana_core::policy::{Area, HOME_MACRO, PolicyError, Standing};
+use morgana_core::policy::{Area, PolicyError, Standing};
 use morgana_core::tree::{Content, Entry, Kind, Tree};
 use morgana_core::wire::SnapshotInfo;
 
@@ -191,17 +190,16 @@ impl<'a> Capture<'a> {
         kind: LayerKind,
         sources: &[Id],
     ) -> Result<Capture<'a>, LayerError> {
+        // The reference machine's own policy says what is user data and what was never
+        // uploaded; neither belongs in a layer.
+        let policy = env.catalog.device_policy(&req.device.id).await?;
+        let unprotected = Area::unprotected(&policy.spec.unprotected)?;
+        let user_area = Area::compile(&policy.spec.user_area)?;
         let holder = format!("layer-capture:{}", crate::random::hex(8));
         // Held first: the source snapshots may be pruned while the capture reads them.
         env.catalog
             .hold(&holder, sources, crate::clock::now_ms())
             .await?;
-        // Device policies arrive with issue 3's policy work; until a device has one, the
-        // factory unprotected area and every home as user area apply.
-        let user_area = RuleSet {
-            rules: vec![HOME_MACRO.to_owned()],
-            exceptions: Vec::new(),
-        };
         Ok(Capture {
             env,
             holder,
@@ -210,8 +208,8 @@ impl<'a> Capture<'a> {
                 kind,
                 os: String::new(),
             },
-            unprotected: Area::unprotected(&RuleSet::default())?,
-            user_area: Area::compile(&user_area)?,
+            unprotected,
+            user_area,
             files: 0,
             bytes: 0,
             deletions: Vec::new(),

@@ -67,6 +67,8 @@ fn base_and_app_layers_keep_what_the_rules_assign_and_survive_gc() -> Result<()>
     reference_tree(&root)?;
     let appliance = Appliance::start_with(&tmp.path().join("appliance"), &["--gc-every", "off"])?;
     let agent = Agent::enroll(&appliance, &root, &tmp.path().join("state"))?;
+    // User data outside homes, which only this device's policy calls user area.
+    write(&root, "srv/userdata/shared.db", b"the team's data")?;
     let first = agent.sync()?;
     let before = first["snapshot"].as_str().unwrap().to_string();
     let device = agent.snapshots()?[0]["device_id"]
@@ -86,6 +88,22 @@ fn base_and_app_layers_keep_what_the_rules_assign_and_survive_gc() -> Result<()>
         "{}",
         stderr(&refused)
     );
+    let policy = tmp.path().join("reference.toml");
+    fs::write(
+        &policy,
+        r#"user_area = { rules = ["%home%", "/srv/userdata"] }"#,
+    )?;
+    morgana_ok(
+        &appliance,
+        &[
+            "policy",
+            "set",
+            "reference",
+            "--file",
+            policy.to_str().unwrap(),
+        ],
+    )?;
+    morgana_ok(&appliance, &["policy", "assign", "reference", &device])?;
     morgana_ok(&appliance, &["reference", "mark", &device])?;
     assert!(morgana_ok(&appliance, &["reference", "list"])?.contains(&device));
 
@@ -116,6 +134,7 @@ fn base_and_app_layers_keep_what_the_rules_assign_and_survive_gc() -> Result<()>
         "/root/.bashrc",
         "/tmp/junk",
         "/var/cache/apt/pkgcache.bin",
+        "/srv/userdata/shared.db",
     ] {
         assert!(
             !paths.contains(&left_out.to_string()),
