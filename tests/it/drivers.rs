@@ -247,7 +247,12 @@ fn devices_with_different_hardware_get_their_own_driver_sets_as_previewed() -> R
 
     // Garbage collection keeps driver sets, however old, and check finds nothing wrong.
     ok(&appliance, &["gc", "--now", "2100-01-01T00:00:00Z"])?;
-    ok(&appliance, &["check"])?;
+    let said = ok(&appliance, &["check"])?;
+    ensure!(said.contains(" driver sets: clean"), "{said}");
+    ensure!(
+        !said.contains(", 0 driver sets"),
+        "check read no driver set: {said}"
+    );
 
     // Deliver on demand; each device ends with exactly the sets the preview listed.
     for (id, daemon, dest, expected) in [

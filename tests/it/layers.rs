@@ -227,6 +227,9 @@ fn base_and_app_layers_keep_what_the_rules_assign_and_survive_gc() -> Result<()>
     assert!(gc["blobs_freed"].as_u64().unwrap() > 0, "{gc}");
     let check = appliance.check();
     assert!(check.status.success(), "{}", stderr(&check));
+    // Check reads the layers' closures too, not only the snapshots'.
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(said.contains(", 3 layers, 0 driver sets: clean"), "{said}");
     assert_eq!(
         strings(&show(&appliance, "debian-base", Some(1))?["paths"]),
         paths

@@ -14,7 +14,6 @@ use anyhow::Context;
 use morgana_core::Id;
 use morgana_core::pack::{self, BlobKind, PackEntry};
 use morgana_core::tree::Tree;
-use morgana_core::wire::SnapshotInfo;
 
 use crate::catalog::{Catalog, PackRecord, SqliteCatalog};
 use crate::config::{DEFAULT_DATA_DIR, DataDir};
@@ -41,6 +40,8 @@ struct Report {
     packs: u64,
     blobs: u64,
     snapshots: u64,
+    layers: u64,
+    driver_sets: u64,
     damaged: HashSet<Id>,
 }
 
@@ -118,15 +119,35 @@ pub async fn check(data: &DataDir) -> anyhow::Result<u64> {
         let Some(last) = page.last() else { break };
         after = Some(last.id.clone());
         for s in &page {
-            check_snapshot(&catalog, s, &mut verified, &mut report).await?;
+            report.snapshots += 1;
+            let label = format!("SNAPSHOT {} of device {}", s.id, s.device_id);
+            check_root(&catalog, &label, s.root, &mut verified, &mut report).await?;
         }
+    }
+    // Layers and driver sets are roots too: garbage collection keeps what they reach, so
+    // check reads it.
+    for l in catalog.layers().await.context("cannot list layers")? {
+        report.layers += 1;
+        let label = format!("LAYER {} v{}", l.layer.name, l.version);
+        check_root(&catalog, &label, l.layer.root, &mut verified, &mut report).await?;
+    }
+    for d in catalog
+        .driver_sets()
+        .await
+        .context("cannot list driver sets")?
+    {
+        report.driver_sets += 1;
+        let label = format!("DRIVER SET {} v{}", d.set.name, d.version);
+        check_root(&catalog, &label, d.set.root, &mut verified, &mut report).await?;
     }
 
     let summary = format!(
-        "check: {} packs ({} blobs), {} snapshots: {}",
+        "check: {} packs ({} blobs), {} snapshots, {} layers, {} driver sets: {}",
         report.packs,
         report.blobs,
         report.snapshots,
+        report.layers,
+        report.driver_sets,
         match report.problems {
             0 => "clean".to_string(),
             1 => "1 problem found".to_string(),
@@ -266,16 +287,16 @@ struct Frame {
     ok: bool,
 }
 
-/// Walks a snapshot's closure: every tree present and decodable, every chunk indexed (and
-/// not found damaged above).
-async fn check_snapshot(
+/// Walks the closure of a root (a snapshot's, a layer's, a driver set's): every tree
+/// present and decodable, every chunk indexed (and not found damaged above).
+async fn check_root(
     catalog: &Arc<dyn Catalog>,
-    s: &SnapshotInfo,
+    label: &str,
+    root: Id,
     verified: &mut HashSet<Id>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    report.snapshots += 1;
-    if verified.contains(&s.root) {
+    if verified.contains(&root) {
         return Ok(());
     }
     let mut lines = 0usize;
@@ -283,10 +304,7 @@ async fn check_snapshot(
     let mut say = |report: &mut Report, what: String| {
         if lines < LINES_PER_SNAPSHOT {
             lines += 1;
-            report.problem(format!(
-                "SNAPSHOT {} of device {}: {what}",
-                s.id, s.device_id
-            ));
+            report.problem(format!("{label}: {what}"));
         } else {
             suppressed += 1;
             report.problems += 1;
@@ -294,10 +312,10 @@ async fn check_snapshot(
     };
     let mut failed: HashSet<Id> = HashSet::new();
     let mut stack: Vec<Frame> = Vec::new();
-    let mut next = Some(s.root);
+    let mut next = Some(root);
     loop {
         if let Some(tree) = next.take() {
-            match load_tree(catalog, tree, report, &mut say, tree == s.root).await? {
+            match load_tree(catalog, tree, report, &mut say, tree == root).await? {
                 Some(frame) => stack.push(frame),
                 None => {
                     failed.insert(tree);
@@ -334,10 +352,7 @@ async fn check_snapshot(
         }
     }
     if suppressed > 0 {
-        Report::print(&format!(
-            "SNAPSHOT {} of device {}: {suppressed} more problems not listed",
-            s.id, s.device_id
-        ));
+        Report::print(&format!("{label}: {suppressed} more problems not listed"));
     }
     Ok(())
 }
