@@ -75,27 +75,15 @@ impl SqliteCatalog {
         name: &str,
         version: Option<u32>,
     ) -> Result<Option<DriverSetRecord>> {
-        let row = match version {
-            Some(v) => {
-                sqlx::query(AssertSqlSafe(format!(
-                    "SELECT {COLUMNS} FROM driver_sets WHERE name = ? AND version = ?"
-                )))
-                .bind(name)
-                .bind(i64::from(v))
-                .fetch_optional(&self.pool)
-                .await
-            }
-            None => {
-                sqlx::query(AssertSqlSafe(format!(
-                    "SELECT {COLUMNS} FROM driver_sets WHERE name = ? \
-                     ORDER BY version DESC LIMIT 1"
-                )))
-                .bind(name)
-                .fetch_optional(&self.pool)
-                .await
-            }
-        }
-        .map_err(q("looking up a driver set"))?;
+        let row = self
+            .versioned_row(
+                "driver_sets",
+                COLUMNS,
+                name,
+                version,
+                "looking up a driver set",
+            )
+            .await?;
         row.as_ref().map(set_from_row).transpose()
     }
 
@@ -104,21 +92,8 @@ impl SqliteCatalog {
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<(i64, Id)>> {
-        let rows =
-            sqlx::query("SELECT seq, root FROM driver_sets WHERE seq > ? ORDER BY seq LIMIT ?")
-                .bind(after_seq)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(q("listing driver set roots"))?;
-        rows.iter()
-            .map(|row| {
-                Ok((
-                    row.try_get("seq").map_err(q("reading a row"))?,
-                    id_col(row, "root", "driver set record")?,
-                ))
-            })
-            .collect()
+        self.roots_page("driver_sets", after_seq, limit, "driver set record")
+            .await
     }
 
     pub(super) async fn driver_profiles_save(&self, p: &DriverProfileRecord) -> Result<()> {

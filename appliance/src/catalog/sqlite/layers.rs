@@ -143,26 +143,9 @@ impl SqliteCatalog {
         name: &str,
         version: Option<u32>,
     ) -> Result<Option<LayerRecord>> {
-        let row = match version {
-            Some(v) => {
-                sqlx::query(AssertSqlSafe(format!(
-                    "SELECT {COLUMNS} FROM layers WHERE name = ? AND version = ?"
-                )))
-                .bind(name)
-                .bind(i64::from(v))
-                .fetch_optional(&self.pool)
-                .await
-            }
-            None => {
-                sqlx::query(AssertSqlSafe(format!(
-                    "SELECT {COLUMNS} FROM layers WHERE name = ? ORDER BY version DESC LIMIT 1"
-                )))
-                .bind(name)
-                .fetch_optional(&self.pool)
-                .await
-            }
-        }
-        .map_err(q("looking up a layer"))?;
+        let row = self
+            .versioned_row("layers", COLUMNS, name, version, "looking up a layer")
+            .await?;
         row.as_ref().map(layer_from_row).transpose()
     }
 
@@ -171,17 +154,59 @@ impl SqliteCatalog {
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<(i64, Id)>> {
-        let rows = sqlx::query("SELECT seq, root FROM layers WHERE seq > ? ORDER BY seq LIMIT ?")
-            .bind(after_seq)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+        self.roots_page("layers", after_seq, limit, "layer record")
             .await
-            .map_err(q("listing layer roots"))?;
+    }
+}
+
+/// Lookups shared by the tables of named, versioned roots (layers, driver sets): each has
+/// `seq`, `name`, `version` and `root` columns.
+impl SqliteCatalog {
+    /// Version `version` of `name`, or its newest.
+    pub(super) async fn versioned_row(
+        &self,
+        table: &'static str,
+        columns: &'static str,
+        name: &str,
+        version: Option<u32>,
+        doing: &'static str,
+    ) -> Result<Option<SqliteRow>> {
+        let query = match version {
+            Some(_) => format!("SELECT {columns} FROM {table} WHERE name = ? AND version = ?"),
+            None => {
+                format!(
+                    "SELECT {columns} FROM {table} WHERE name = ? ORDER BY version DESC LIMIT 1"
+                )
+            }
+        };
+        let mut query = sqlx::query(AssertSqlSafe(query)).bind(name.to_owned());
+        if let Some(v) = version {
+            query = query.bind(i64::from(v));
+        }
+        query.fetch_optional(&self.pool).await.map_err(q(doing))
+    }
+
+    /// `(seq, root)` of the rows with `seq > after_seq`, in seq order: GC roots.
+    pub(super) async fn roots_page(
+        &self,
+        table: &'static str,
+        after_seq: i64,
+        limit: u32,
+        what: &'static str,
+    ) -> Result<Vec<(i64, Id)>> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT seq, root FROM {table} WHERE seq > ? ORDER BY seq LIMIT ?"
+        )))
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("listing gc roots"))?;
         rows.iter()
             .map(|row| {
                 Ok((
                     row.try_get("seq").map_err(q("reading a row"))?,
-                    id_col(row, "root", "layer record")?,
+                    id_col(row, "root", what)?,
                 ))
             })
             .collect()
