@@ -163,6 +163,23 @@ fn base_url(server: &str) -> Result<String, ClientError> {
     Ok(base.to_string())
 }
 
+/// Which plugin version an answer is about.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PluginMeta {
+    pub id: Id,
+    pub name: String,
+    pub version: u32,
+}
+
+pub enum PluginFetch {
+    /// No plugin is active: the built-in decides.
+    NoneActive,
+    /// The held component is still the active one.
+    Unchanged(PluginMeta),
+    /// A component other than the held one is active (its bytes hash to its id).
+    New(PluginMeta, Vec<u8>),
+}
+
 impl Client {
     /// A client that trusts whichever CA the token pins, without a device credential.
     pub fn for_enrolment(server: &str, pin: Id) -> Result<Client, ClientError> {
@@ -241,7 +258,8 @@ impl Client {
                 reason: error_chain(&e),
             })?;
         let status = resp.status();
-        if status.is_success() {
+        // 304 answers only a conditional request, whose caller handles it.
+        if status.is_success() || status == reqwest::StatusCode::NOT_MODIFIED {
             return Ok(resp);
         }
         let text = resp.text().await.unwrap_or_default();
@@ -421,6 +439,64 @@ impl Client {
         self.post_json(
             "job report",
             control::PATH_JOB_REPORT,
+            report,
+            Some(CONTROL_TIMEOUT),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// The appliance's active `reflector-selector` component, unless it is `held` (the id
+    /// of the one kept from last time).
+    pub async fn reflector_selector(&self, held: Option<Id>) -> Result<PluginFetch, ClientError> {
+        const CALL: &str = "reflector-selector plugin";
+        let mut rb = self.http.get(self.url(control::PATH_REFLECTOR_SELECTOR));
+        if let Some(id) = held {
+            rb = rb.header("if-none-match", format!("\"{}\"", id.to_hex()));
+        }
+        let resp = self.send(CALL, rb, 0).await?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::NO_CONTENT {
+            return Ok(PluginFetch::NoneActive);
+        }
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let protocol = |reason: String| ClientError::Protocol { call: CALL, reason };
+        let id: Id = header("etag")
+            .and_then(|e| e.trim_matches('"').parse().ok())
+            .ok_or_else(|| protocol("the answer has no usable ETag".into()))?;
+        let meta = PluginMeta {
+            id,
+            name: header(control::PLUGIN_NAME_HEADER).unwrap_or_default(),
+            version: header(control::PLUGIN_VERSION_HEADER)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        };
+        if status == reqwest::StatusCode::NOT_MODIFIED {
+            return Ok(PluginFetch::Unchanged(meta));
+        }
+        let bytes = resp.bytes().await.map_err(|e| protocol(error_chain(&e)))?;
+        if Id::of(&bytes) != meta.id {
+            return Err(protocol(format!(
+                "the component does not hash to its ETag {}",
+                meta.id
+            )));
+        }
+        Ok(PluginFetch::New(meta, bytes.to_vec()))
+    }
+
+    /// Tells the appliance that an agent-side plugin failed here.
+    pub async fn report_plugin_failure(
+        &self,
+        report: &control::PluginFailureReport,
+    ) -> Result<(), ClientError> {
+        self.post_json(
+            "plugin failure report",
+            control::PATH_PLUGIN_FAILURES,
             report,
             Some(CONTROL_TIMEOUT),
         )

@@ -383,6 +383,7 @@ mod tests {
                 exceptions: vec![],
             },
             sync_interval_secs: 600,
+            reflectors: Default::default(),
         };
         std::fs::write(
             tmp.path().join(POLICY_FILE),

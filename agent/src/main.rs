@@ -6,6 +6,7 @@ mod client;
 mod commands;
 mod inventory;
 mod jobs;
+mod reflectors;
 mod restore;
 mod scan;
 mod service;
@@ -90,6 +91,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rank branch reflectors for this device as downloads choose them: the appliance's
+    /// reflector-selector plugin, or the built-in.
+    Reflectors {
+        /// A JSON array of candidates: {"id", "address": "HOST:PORT", "subnet": "CIDR",
+        /// "site"?, "load"?, "latency_ms"?}; a missing latency is measured.
+        #[arg(long)]
+        candidates: PathBuf,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -134,6 +147,11 @@ fn main() -> ExitCode {
                 sync_every,
             } => commands::run::run(state_dir, sync_every).await,
             Command::Inventory { json } => commands::inventory::run(json),
+            Command::Reflectors {
+                candidates,
+                state_dir,
+                json,
+            } => commands::reflectors::run(state_dir, &candidates, json).await,
         }
     });
     // A sync or restore abandoned on SIGTERM may still run on a blocking thread: it commits

@@ -30,6 +30,7 @@ use tracing::{error, info, warn};
 
 use crate::catalog::{BlobLocation, Catalog, CatalogError, Device};
 
+mod plugins;
 mod policy;
 use crate::events::{NewEvent, Severity};
 use crate::snapshot::{self, Closure, ClosureError};
@@ -59,6 +60,8 @@ struct Inner {
     /// Bounds memory: each pack being processed holds up to two copies of 160 MB.
     pack_permits: Semaphore,
     control: control::Control,
+    /// Serves the agent-side plugins; without it agents rank with the built-in.
+    hooks: Option<Arc<crate::hooks::Hooks>>,
 }
 
 impl AppState {
@@ -70,7 +73,16 @@ impl AppState {
             pki,
             pack_permits: Semaphore::new(cores.max(2)),
             control: control::Control::default(),
+            hooks: None,
         }))
+    }
+
+    /// Serves the active agent-side plugin and records its failures (`serve`).
+    pub fn with_hooks(mut self, hooks: Arc<crate::hooks::Hooks>) -> AppState {
+        Arc::get_mut(&mut self.0)
+            .expect("configured before the state is shared")
+            .hooks = Some(hooks);
+        self
     }
 
     /// Tells agents to send a heartbeat this often (`serve --heartbeat-every`).
@@ -100,6 +112,14 @@ pub fn router(state: AppState) -> Router {
         .route(PATH_HEARTBEAT, post(control::heartbeat))
         .route(PATH_JOBS_NEXT, post(control::next_job))
         .route(PATH_JOB_REPORT, post(control::report_job))
+        .route(
+            morgana_core::control::PATH_REFLECTOR_SELECTOR,
+            get(plugins::reflector_selector),
+        )
+        .route(
+            morgana_core::control::PATH_PLUGIN_FAILURES,
+            post(plugins::plugin_failed),
+        )
         .layer(middleware::from_fn(require_protocol));
     Router::new()
         .route(wire::PATH_HEALTH, get(|| async { "ok" }))

@@ -31,6 +31,12 @@ pub struct Hooks {
     last_failure_event: Mutex<HashMap<i64, i64>>,
 }
 
+/// Where a plugin version's component is kept (named by its hash, so versions never clash).
+pub fn stored_path(data: &DataDir, record: &PluginRecord) -> std::path::PathBuf {
+    data.plugins_dir()
+        .join(format!("{}.wasm", record.hash.to_hex()))
+}
+
 /// Reads a stored plugin version and loads it through `host` (compiled code comes from the
 /// cache when it is there).
 pub fn load_stored(
@@ -38,9 +44,7 @@ pub fn load_stored(
     host: &PluginHost,
     record: &PluginRecord,
 ) -> anyhow::Result<Plugin> {
-    let path = data
-        .plugins_dir()
-        .join(format!("{}.wasm", record.hash.to_hex()));
+    let path = stored_path(data, record);
     let bytes = std::fs::read(&path).with_context(|| {
         format!(
             "cannot read plugin {} ({} v{}) from {}: add the component again with \
@@ -156,7 +160,17 @@ impl Hooks {
         }
     }
 
+    pub fn data(&self) -> &DataDir {
+        &self.data
+    }
+
     async fn failed(&self, record: &PluginRecord, failure: &PluginFailure) {
+        self.record_failure(record, failure, "the appliance").await;
+    }
+
+    /// A plugin that failed where it runs (`on`: the appliance, or a device for the agent-side
+    /// hooks): a `plugin.failed` event, at most one a minute per plugin version.
+    pub async fn record_failure(&self, record: &PluginRecord, failure: &PluginFailure, on: &str) {
         let now = crate::clock::now_ms();
         {
             let mut last = self.last_failure_event.lock().expect("hooks lock");
@@ -174,8 +188,8 @@ impl Hooks {
                 "plugin.failed",
                 Severity::Warning,
                 format!(
-                    "plugin {} v{} ({}) failed and the built-in answered instead: {}; fix or \
-                     disable it with `morgana plugin disable {}`",
+                    "plugin {} v{} ({}) failed on {on} and the built-in answered instead: {}; \
+                     fix or disable it with `morgana plugin disable {}`",
                     record.name, record.version, failure.hook, failure.message, record.id
                 ),
             ),

@@ -15,6 +15,10 @@
 //! daily = 14
 //! weekly = 8
 //! monthly = 12
+//!
+//! [reflectors]
+//! preferred_subnets = ["10.20.0.0/16"]
+//! latency_threshold_ms = 30
 //! ```
 //!
 //! Every field may be left out (it takes the built-in default's value); an unknown field or
@@ -22,7 +26,7 @@
 //! (`morgana_core::policy::FACTORY_UNPROTECTED`) are never stored: they are merged into the
 //! unprotected area whenever a policy goes to an agent, so no policy can drop them.
 
-use morgana_core::control::{AgentPolicy, RuleSet};
+use morgana_core::control::{AgentPolicy, ReflectorPolicy, RuleSet};
 use morgana_core::policy::{self as areas, FACTORY_UNPROTECTED};
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +45,8 @@ const MAX_NAME: usize = 64;
 const MIN_SYNC_INTERVAL_SECS: u64 = 60;
 const MAX_SYNC_INTERVAL_SECS: u64 = 30 * 86_400;
 const MAX_ALERT_AFTER_SECS: u64 = 365 * 86_400;
+const MAX_LATENCY_THRESHOLD_MS: u32 = 10_000;
+const MAX_PREFERRED_SUBNETS: usize = 256;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
@@ -73,6 +79,9 @@ pub struct PolicySpec {
     pub sync_interval_secs: u32,
     pub alert_after_secs: u64,
     pub retention: Retention,
+    /// Policies saved before reflectors existed read as the default.
+    #[serde(default)]
+    pub reflectors: ReflectorPolicy,
 }
 
 impl Default for PolicySpec {
@@ -87,6 +96,7 @@ impl Default for PolicySpec {
             sync_interval_secs: 3600,
             alert_after_secs: 86_400,
             retention: Retention::default(),
+            reflectors: ReflectorPolicy::default(),
         }
     }
 }
@@ -117,6 +127,7 @@ impl PolicyVersion {
             },
             user_area: self.spec.user_area.clone(),
             sync_interval_secs: self.spec.sync_interval_secs,
+            reflectors: self.spec.reflectors.clone(),
         }
     }
 }
@@ -153,6 +164,16 @@ struct PolicyFile {
     user_area: Option<RuleSetFile>,
     #[serde(default)]
     retention: Option<RetentionFile>,
+    #[serde(default)]
+    reflectors: Option<ReflectorsFile>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReflectorsFile {
+    #[serde(default)]
+    preferred_subnets: Vec<String>,
+    latency_threshold_ms: Option<u32>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -185,6 +206,15 @@ pub fn parse_toml(text: &str) -> Result<PolicySpec, PolicyError> {
         .unwrap_or_else(|| default.clone())
     };
     let r = file.retention.unwrap_or_default();
+    let reflectors = match file.reflectors {
+        None => defaults.reflectors.clone(),
+        Some(f) => ReflectorPolicy {
+            preferred_subnets: f.preferred_subnets,
+            latency_threshold_ms: f
+                .latency_threshold_ms
+                .unwrap_or(defaults.reflectors.latency_threshold_ms),
+        },
+    };
     let spec = PolicySpec {
         unprotected: rules(file.unprotected, &defaults.unprotected),
         user_area: rules(file.user_area, &defaults.user_area),
@@ -222,6 +252,7 @@ pub fn parse_toml(text: &str) -> Result<PolicySpec, PolicyError> {
             weekly: r.weekly.unwrap_or(defaults.retention.weekly),
             monthly: r.monthly.unwrap_or(defaults.retention.monthly),
         },
+        reflectors,
     };
     validate(&spec)?;
     Ok(spec)
@@ -237,7 +268,7 @@ fn duration_field(field: &'static str, value: &str) -> Result<u64, PolicyError> 
         })
 }
 
-/// Checks every rule of both areas.
+/// Checks every rule of both areas and the reflector settings.
 pub fn validate(spec: &PolicySpec) -> Result<(), PolicyError> {
     areas::validate(&spec.unprotected).map_err(|reason| PolicyError::BadRule {
         area: "unprotected",
@@ -246,7 +277,32 @@ pub fn validate(spec: &PolicySpec) -> Result<(), PolicyError> {
     areas::validate(&spec.user_area).map_err(|reason| PolicyError::BadRule {
         area: "user_area",
         reason,
-    })
+    })?;
+    let r = &spec.reflectors;
+    if !(1..=MAX_LATENCY_THRESHOLD_MS).contains(&r.latency_threshold_ms) {
+        return Err(PolicyError::BadValue {
+            field: "reflectors.latency_threshold_ms",
+            value: r.latency_threshold_ms.to_string(),
+            why: format!("give between 1 and {MAX_LATENCY_THRESHOLD_MS}"),
+        });
+    }
+    if r.preferred_subnets.len() > MAX_PREFERRED_SUBNETS {
+        return Err(PolicyError::BadValue {
+            field: "reflectors.preferred_subnets",
+            value: format!("{} subnets", r.preferred_subnets.len()),
+            why: format!("give at most {MAX_PREFERRED_SUBNETS}"),
+        });
+    }
+    for subnet in &r.preferred_subnets {
+        if morgana_core::plugin::reflector::parse_cidr(subnet).is_none() {
+            return Err(PolicyError::BadValue {
+                field: "reflectors.preferred_subnets",
+                value: subnet.clone(),
+                why: "write a network as ADDRESS/PREFIX, such as 10.20.0.0/16".into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `90s`, `15m`, `24h`, `7d`: the largest unit that says it exactly, as `parse_duration`
@@ -278,6 +334,10 @@ pub fn to_toml(spec: &PolicySpec) -> String {
             daily: Some(spec.retention.daily),
             weekly: Some(spec.retention.weekly),
             monthly: Some(spec.retention.monthly),
+        }),
+        reflectors: Some(ReflectorsFile {
+            preferred_subnets: spec.reflectors.preferred_subnets.clone(),
+            latency_threshold_ms: Some(spec.reflectors.latency_threshold_ms),
         }),
     };
     toml::to_string(&file).expect("a policy file serializes")
@@ -567,9 +627,20 @@ mod tests {
             daily = 2
             weekly = 0
             monthly = 12
+
+            [reflectors]
+            preferred_subnets = ["10.20.0.0/16", "fd00:1::/64"]
+            latency_threshold_ms = 12
             "#,
         )
         .unwrap();
+        assert_eq!(
+            spec.reflectors,
+            ReflectorPolicy {
+                preferred_subnets: vec!["10.20.0.0/16".into(), "fd00:1::/64".into()],
+                latency_threshold_ms: 12
+            }
+        );
         assert_eq!(spec.unprotected.rules, ["%home%/Downloads", "/data/big"]);
         assert_eq!(spec.unprotected.exceptions, ["/data/big/keep"]);
         assert_eq!(spec.user_area.rules, ["%home%"]);
@@ -610,6 +681,15 @@ mod tests {
             ("retension = 3", "retension"),
             ("[retention]\nyearly = 3", "yearly"),
             ("[retention]\ndaily = -1", "daily"),
+            (
+                "[reflectors]\npreferred_subnets = [\"10.0.0.0\"]",
+                "ADDRESS/PREFIX",
+            ),
+            (
+                "[reflectors]\nlatency_threshold_ms = 0",
+                "latency_threshold_ms",
+            ),
+            ("[reflectors]\nsite = \"x\"", "site"),
             ("unprotected = [", "TOML"),
         ] {
             let err = parse_toml(text).unwrap_err().to_string();

@@ -12,6 +12,12 @@
 //!   `wait_secs` (a long poll; the appliance caps the wait).
 //! - `POST` [`PATH_JOB_REPORT`] [`JobReport`] → 204: progress while a job runs, then its
 //!   outcome. A job is handed out once; an agent that restarts mid-job reports it failed.
+//! - `GET` [`PATH_REFLECTOR_SELECTOR`] → 200 with the active `reflector-selector` plugin's
+//!   component (`ETag`: its BLAKE3 id in quotes; [`PLUGIN_NAME_HEADER`] and
+//!   [`PLUGIN_VERSION_HEADER`]), 304 when `If-None-Match` names it, 204 when no plugin is
+//!   active (the agent then ranks with the built-in).
+//! - `POST` [`PATH_PLUGIN_FAILURES`] [`PluginFailureReport`] → 204: an agent-side plugin
+//!   failed and the built-in answered; the appliance records a `plugin.failed` event.
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +27,20 @@ pub const PATH_HEARTBEAT: &str = "/v1/heartbeat";
 pub const PATH_POLICY: &str = "/v1/policy";
 pub const PATH_JOBS_NEXT: &str = "/v1/jobs/next";
 pub const PATH_JOB_REPORT: &str = "/v1/jobs/report";
+pub const PATH_REFLECTOR_SELECTOR: &str = "/v1/plugins/reflector-selector";
+pub const PATH_PLUGIN_FAILURES: &str = "/v1/plugins/failures";
+pub const PLUGIN_NAME_HEADER: &str = "x-morgana-plugin-name";
+pub const PLUGIN_VERSION_HEADER: &str = "x-morgana-plugin-version";
+/// Longest failure message the appliance keeps from an agent.
+pub const MAX_PLUGIN_FAILURE_MESSAGE: usize = 4096;
+
+/// An agent-side plugin call that failed (the built-in answered instead).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginFailureReport {
+    /// The component's BLAKE3 id, as the `ETag` it came with named it.
+    pub plugin: Id,
+    pub message: String,
+}
 
 /// Longest long poll the appliance honours.
 pub const MAX_JOB_WAIT_SECS: u32 = 60;
@@ -131,6 +151,30 @@ pub struct AgentPolicy {
     pub user_area: RuleSet,
     /// Scheduled sync interval.
     pub sync_interval_secs: u32,
+    /// How the agent ranks branch reflectors (the `reflector-selector` hook's policy).
+    #[serde(default)]
+    pub reflectors: ReflectorPolicy,
+}
+
+/// The site's say in reflector choice, as a policy carries it: subnets whose reflectors
+/// count as near, and the round-trip time under which any reflector does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReflectorPolicy {
+    #[serde(default)]
+    pub preferred_subnets: Vec<String>,
+    pub latency_threshold_ms: u32,
+}
+
+/// Across a campus a round trip stays under this; across a WAN link it rarely does.
+pub const DEFAULT_LATENCY_THRESHOLD_MS: u32 = 30;
+
+impl Default for ReflectorPolicy {
+    fn default() -> Self {
+        ReflectorPolicy {
+            preferred_subnets: Vec::new(),
+            latency_threshold_ms: DEFAULT_LATENCY_THRESHOLD_MS,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

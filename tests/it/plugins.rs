@@ -683,3 +683,172 @@ fn plugin_test_prints_the_result_fuel_and_time_as_json() -> Result<()> {
     ensure!(json["fuel_used"] == 5_000_000, "{json}");
     Ok(())
 }
+
+fn agent_ranking(agent: &Agent, candidates: &Path) -> Result<serde_json::Value> {
+    let out = run_ok(
+        agent
+            .cmd("reflectors")
+            .arg("--candidates")
+            .arg(candidates)
+            .arg("--json"),
+    )?;
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// What the built-in says about the very inputs the agent used (its own address, the
+/// latencies it measured, the device's policy as `policy` gives it).
+fn builtin_twin(ranking: &serde_json::Value, policy: &SelectorPolicy) -> Result<Vec<String>> {
+    let client: ClientInfo = serde_json::from_value(ranking["client"].clone())?;
+    let candidates: Vec<ReflectorCandidate> =
+        serde_json::from_value(ranking["candidates"].clone())?;
+    Ok(BuiltinReflectorSelector.rank(&client, policy, &candidates)?)
+}
+
+fn ranked(ranking: &serde_json::Value) -> Vec<String> {
+    serde_json::from_value(ranking["ranked"].clone()).unwrap_or_default()
+}
+
+/// The `reflector-selector` hook runs on the agent: the built-in by default, under the
+/// device policy's reflector settings; the appliance's active plugin once one is enabled
+/// (fetched once, then kept while unchanged); and a plugin that traps falls back to the
+/// built-in, with a `plugin.failed` event on the appliance naming the device.
+#[test]
+fn the_agent_ranks_reflectors_with_the_appliances_plugin_or_the_builtin() -> Result<()> {
+    crate::init();
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path().join("root");
+    std::fs::create_dir_all(&root)?;
+    let (appliance, agent) = one_device(tmp.path(), &root)?;
+    let cand =
+        |id: &str, address: &str, subnet: &str, latency_ms: Option<f32>| ReflectorCandidate {
+            id: id.into(),
+            address: address.into(),
+            subnet: subnet.into(),
+            site: None,
+            load: 0.1,
+            latency_ms,
+        };
+    // Only loopback addresses are ever probed: the others carry a latency already.
+    let candidates = vec![
+        cand("slow", "203.0.113.9:8444", "203.0.113.0/24", Some(500.0)),
+        cand(
+            "measured",
+            &format!("127.0.0.1:{}", appliance.port()),
+            "192.0.2.0/24",
+            None,
+        ),
+        cand("preferred", "10.8.0.7:8444", "10.8.0.0/24", Some(45.0)),
+        cand("dead", "127.0.0.1:1", "198.51.100.0/24", None),
+        cand("near", "127.0.0.2:8444", "127.0.0.0/8", Some(40.0)),
+    ];
+    let file = tmp.path().join("candidates.json");
+    std::fs::write(&file, serde_json::to_vec(&candidates)?)?;
+    let default_policy = SelectorPolicy {
+        preferred_subnets: vec![],
+        latency_threshold_ms: 30.0,
+    };
+
+    let r = agent_ranking(&agent, &file)?;
+    ensure!(
+        r["decided_by"] == "built-in" && r["plugin_failure"].is_null(),
+        "{r}"
+    );
+    ensure!(r["client"]["address"] == "127.0.0.1", "{r}");
+    ensure!(ranked(&r) == ["near", "measured"], "{r}");
+    ensure!(ranked(&r) == builtin_twin(&r, &default_policy)?, "{r}");
+    let measured = &r["candidates"][1]["latency_ms"];
+    ensure!(measured.as_f64().is_some_and(|l| l < 30.0), "{r}");
+    ensure!(r["candidates"][3]["latency_ms"].is_null(), "{r}");
+
+    let policy_file = tmp.path().join("branch.toml");
+    std::fs::write(
+        &policy_file,
+        "[reflectors]\npreferred_subnets = [\"10.8.0.0/16\"]\nlatency_threshold_ms = 30\n",
+    )?;
+    let data_cmd = |args: &[&str]| {
+        let mut c = morgana();
+        c.args(args).arg("--data-dir").arg(&appliance.data_dir);
+        c
+    };
+    run_ok(
+        data_cmd(&["policy", "set", "branch"])
+            .arg("--file")
+            .arg(&policy_file),
+    )?;
+    let device: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(agent.state_dir.join("device.json"))?)?;
+    let device_id = device["device_id"]
+        .as_str()
+        .context("device id")?
+        .to_owned();
+    run_ok(&mut data_cmd(&["policy", "assign", "branch", &device_id]))?;
+    let branch_policy = SelectorPolicy {
+        preferred_subnets: vec!["10.8.0.0/16".into()],
+        latency_threshold_ms: 30.0,
+    };
+    let r = agent_ranking(&agent, &file)?;
+    ensure!(ranked(&r) == ["near", "preferred", "measured"], "{r}");
+    ensure!(ranked(&r) == builtin_twin(&r, &branch_policy)?, "{r}");
+
+    let selector = wasm_file("reflector-selector");
+    run_ok(data_cmd(&["plugin", "add"]).arg(&selector).args([
+        "--hook",
+        "reflector-selector",
+        "--enable",
+    ]))?;
+    let r = agent_ranking(&agent, &file)?;
+    ensure!(r["decided_by"] == "plugin reflector_selector v1", "{r}");
+    ensure!(r["plugin_failure"].is_null(), "{r}");
+    ensure!(ranked(&r) == builtin_twin(&r, &branch_policy)?, "{r}");
+    let held = agent.state_dir.join("reflector-selector.wasm");
+    ensure!(std::fs::read(&held)? == std::fs::read(&selector)?);
+    let fetched_at = std::fs::metadata(&held)?.modified()?;
+    std::thread::sleep(Duration::from_millis(20));
+    let r = agent_ranking(&agent, &file)?;
+    ensure!(r["decided_by"] == "plugin reflector_selector v1", "{r}");
+    ensure!(
+        std::fs::metadata(&held)?.modified()? == fetched_at,
+        "an unchanged plugin was downloaded again"
+    );
+
+    run_ok(data_cmd(&["plugin", "add"]).arg(wasm_file("trap")).args([
+        "--hook",
+        "reflector-selector",
+        "--enable",
+    ]))?;
+    let r = agent_ranking(&agent, &file)?;
+    ensure!(r["decided_by"] == "built-in", "{r}");
+    let failure = r["plugin_failure"].as_str().unwrap_or_default();
+    ensure!(
+        failure.contains("trap") && failure.contains("reflector-selector"),
+        "{r}"
+    );
+    ensure!(ranked(&r) == builtin_twin(&r, &branch_policy)?, "{r}");
+    let out = run_ok(&mut data_cmd(&[
+        "events",
+        "--json",
+        "--kind",
+        "plugin.failed",
+    ]))?;
+    let events = String::from_utf8(out.stdout)?;
+    ensure!(
+        events.contains(&device_id) && events.contains("trap"),
+        "no plugin.failed event names the device: {events}"
+    );
+
+    let bad = tmp.path().join("bad.json");
+    std::fs::write(&bad, "{\"id\": 1}")?;
+    let out = agent
+        .cmd("reflectors")
+        .arg("--candidates")
+        .arg(&bad)
+        .output()?;
+    ensure!(
+        !out.status.success()
+            && stderr(&out).contains("is not a JSON array of reflector candidates"),
+        "{}",
+        stderr(&out)
+    );
+    Ok(())
+}

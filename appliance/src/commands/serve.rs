@@ -91,7 +91,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     let first_admin_password = crate::auth::ensure_admin(catalog.as_ref()).await?;
     let state = AppState::new(catalog.clone(), store.clone(), Arc::new(pki))
-        .heartbeat_every(args.heartbeat_every);
+        .heartbeat_every(args.heartbeat_every)
+        .with_hooks(Arc::new(crate::hooks::Hooks::new(
+            catalog.clone(),
+            data.clone(),
+        )));
     api::control::spawn_sweeper(&state);
     if let Every(Some(every)) = args.alert_check_every {
         let catalog = catalog.clone();

@@ -1,0 +1,52 @@
+//! `morgana-agent reflectors --candidates FILE`: ranks branch reflectors for this device
+//! the way downloads will choose them (the appliance's `reflector-selector` plugin, or the
+//! built-in), and says which decided.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use morgana_core::plugin::types::ReflectorCandidate;
+
+use crate::client::Client;
+use crate::reflectors;
+use crate::state::State;
+
+pub async fn run(state_dir: Option<PathBuf>, candidates: &Path, json: bool) -> anyhow::Result<()> {
+    let text = std::fs::read(candidates)
+        .with_context(|| format!("cannot read the candidates file {}", candidates.display()))?;
+    let list: Vec<ReflectorCandidate> = serde_json::from_slice(&text).with_context(|| {
+        format!(
+            "{} is not a JSON array of reflector candidates ({{\"id\", \"address\": \"HOST:PORT\", \
+             \"subnet\": \"CIDR\", \"site\"?, \"load\"?, \"latency_ms\"?}})",
+            candidates.display()
+        )
+    })?;
+    let state = State::open(state_dir)?;
+    let client = Client::for_device(&state)?;
+    let ranking = reflectors::rank(&state, &client, list).await?;
+    if json {
+        println!("{}", serde_json::to_string(&ranking)?);
+        return Ok(());
+    }
+    if let Some(why) = &ranking.plugin_failure {
+        eprintln!(
+            "warning: the reflector-selector plugin failed, the built-in ranked instead: {why}"
+        );
+    }
+    println!(
+        "device {} at {}, ranked by {}:",
+        ranking.client.device_id, ranking.client.address, ranking.decided_by
+    );
+    if ranking.ranked.is_empty() {
+        println!("  no reflector qualifies: downloads go to the appliance");
+    }
+    for (i, id) in ranking.ranked.iter().enumerate() {
+        let c = ranking.candidates.iter().find(|c| &c.id == id);
+        let latency = c
+            .and_then(|c| c.latency_ms)
+            .map_or("unmeasured".to_owned(), |l| format!("{l:.1} ms"));
+        let address = c.map_or("", |c| c.address.as_str());
+        println!("  {}. {id}  {address}  {latency}", i + 1);
+    }
+    Ok(())
+}
