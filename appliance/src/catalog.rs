@@ -20,7 +20,7 @@ use morgana_core::plugin::Hook;
 use morgana_core::plugin::types::LayerKind;
 use morgana_core::wire::SnapshotInfo;
 
-use crate::events::{ChainCheck, Event, EventFilter, NewEvent};
+use crate::events::{ChainAnchor, ChainCheck, Event, EventFilter, NewEvent};
 use crate::policy::{PolicySpec, PolicyVersion};
 
 pub use accounts::{
@@ -318,7 +318,17 @@ pub trait Catalog: Send + Sync {
     ) -> Result<Vec<Event>>;
 
     /// Re-hashes the whole chain, oldest first, one page at a time.
-    async fn verify_events(&self) -> Result<ChainCheck>;
+    async fn verify_events(&self) -> Result<ChainCheck> {
+        Ok(self.verify_events_from(None).await?.0)
+    }
+
+    /// Re-hashes the chain after `from` (all of it without one), after checking that the
+    /// anchor's event still carries the anchor's hash; returns the newest event reached,
+    /// to start the next check from.
+    async fn verify_events_from(
+        &self,
+        from: Option<ChainAnchor>,
+    ) -> Result<(ChainCheck, Option<ChainAnchor>)>;
 
     // ---- Image management ----
 

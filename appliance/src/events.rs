@@ -117,6 +117,16 @@ pub struct EventFilter {
     pub min_severity: Option<Severity>,
 }
 
+/// The newest event a verification reached: a later one can start from it. Held in memory
+/// only, so that rewriting the catalog cannot rewrite it too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainAnchor {
+    pub seq: i64,
+    pub hash: Id,
+    /// Events up to and including `seq`.
+    pub events: u64,
+}
+
 /// Where the chain first fails to verify, if anywhere.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChainCheck {

@@ -344,8 +344,18 @@ async fn events(
     }))
 }
 
-async fn events_verify(State(s): State<WebState>, _a: Auth<ViewFleet>) -> ApiResult {
-    match op(ops::verify_events(s.catalog()).await)? {
+#[derive(Deserialize)]
+struct VerifyQuery {
+    #[serde(default)]
+    full: bool,
+}
+
+async fn events_verify(
+    State(s): State<WebState>,
+    _a: Auth<ViewFleet>,
+    Query(q): Query<VerifyQuery>,
+) -> ApiResult {
+    match op(ops::verify_events(s.catalog(), &s.0.chain_checked, q.full).await)? {
         ChainCheck::Intact { events } => ok(json!({ "intact": true, "events": events })),
         ChainCheck::BrokenAt { seq, events_before } => ok(json!({
             "intact": false,

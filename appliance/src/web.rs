@@ -45,6 +45,8 @@ pub(crate) struct WebInner {
     /// DER of the appliance CA: enrolment tokens carry its pin.
     pub ca_cert_der: Vec<u8>,
     pub logins: LoginLimiter,
+    /// Where the last event-chain check of this process ended.
+    pub chain_checked: std::sync::Mutex<Option<crate::events::ChainAnchor>>,
     /// Where plugins (and their compiled code) are stored.
     pub data: crate::config::DataDir,
     /// The volumes new packs go to, for the nodes and volumes page.
@@ -62,6 +64,7 @@ impl WebState {
             catalog,
             ca_cert_der,
             logins: LoginLimiter::default(),
+            chain_checked: std::sync::Mutex::new(None),
             data,
             volumes,
         }))

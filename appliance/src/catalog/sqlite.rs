@@ -21,7 +21,7 @@ use super::{
     FleetStats, GcHorizon, HeartbeatRecord, JobRecord, LayerRecord, NewDriverSet, NewLayer,
     NewPlugin, OpenAlert, PackRecord, PackUsage, PluginRecord, Result, User, UserChange,
 };
-use crate::events::{ChainCheck, Event, EventFilter, NewEvent};
+use crate::events::{ChainAnchor, ChainCheck, Event, EventFilter, NewEvent};
 use crate::policy::{PolicySpec, PolicyVersion};
 use morgana_core::control::JobReport;
 use morgana_core::plugin::Hook;
@@ -1081,8 +1081,11 @@ impl Catalog for SqliteCatalog {
         self.events_page_query(filter, before_seq, limit).await
     }
 
-    async fn verify_events(&self) -> Result<ChainCheck> {
-        self.events_verify().await
+    async fn verify_events_from(
+        &self,
+        from: Option<ChainAnchor>,
+    ) -> Result<(ChainCheck, Option<ChainAnchor>)> {
+        self.events_verify(from).await
     }
 
     async fn set_reference(&self, device_id: &str, reference: bool) -> Result<bool> {

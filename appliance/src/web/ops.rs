@@ -14,7 +14,7 @@ use crate::catalog::{
     ApiTokenRecord, Catalog, CatalogError, DeviceQuery, DeviceSort, DeviceState, DeviceSummary,
     FleetStats, User, UserChange,
 };
-use crate::events::{ChainCheck, Event, EventFilter, NewEvent, Severity};
+use crate::events::{ChainAnchor, ChainCheck, Event, EventFilter, NewEvent, Severity};
 
 /// Devices per page unless asked otherwise, and at most.
 pub const DEVICES_PER_PAGE: u32 = 50;
@@ -382,8 +382,25 @@ pub async fn event(catalog: &dyn Catalog, seq: i64) -> OpResult<Event> {
         })
 }
 
-pub async fn verify_events(catalog: &dyn Catalog) -> OpResult<ChainCheck> {
-    Ok(catalog.verify_events().await?)
+/// Re-hashes the events recorded since the last check of this process (all of them when
+/// `full`, or on the first check), after checking that the last checked one is unchanged.
+/// An edit inside the already-checked part that keeps every stored hash shows only in a
+/// full check; `morgana events --verify` always does one.
+pub async fn verify_events(
+    catalog: &dyn Catalog,
+    last: &std::sync::Mutex<Option<ChainAnchor>>,
+    full: bool,
+) -> OpResult<ChainCheck> {
+    let from = if full {
+        None
+    } else {
+        *last.lock().unwrap_or_else(|p| p.into_inner())
+    };
+    let (check, reached) = catalog.verify_events_from(from).await?;
+    if let ChainCheck::Intact { .. } = check {
+        *last.lock().unwrap_or_else(|p| p.into_inner()) = reached;
+    }
+    Ok(check)
 }
 
 // ---- Users ----

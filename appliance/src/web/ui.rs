@@ -872,8 +872,19 @@ struct VerifyPartial {
     broken_at: i64,
 }
 
-async fn view_events_verify_get(State(state): State<WebState>, _a: Auth<ViewFleet>) -> Response {
-    match ops::verify_events(state.catalog()).await {
+#[derive(Deserialize)]
+struct VerifyParams {
+    #[serde(default)]
+    full: Option<String>,
+}
+
+async fn view_events_verify_get(
+    State(state): State<WebState>,
+    _a: Auth<ViewFleet>,
+    Query(p): Query<VerifyParams>,
+) -> Response {
+    let full = p.full.is_some_and(|v| !v.is_empty() && v != "0");
+    match ops::verify_events(state.catalog(), &state.0.chain_checked, full).await {
         Ok(ChainCheck::Intact { events }) => render(&VerifyPartial {
             intact: true,
             events,

@@ -6,7 +6,7 @@ use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite};
 
 use super::{SqliteCatalog, id_col, q};
 use crate::catalog::{CatalogError, Result};
-use crate::events::{ChainCheck, Event, EventFilter, NewEvent, Severity};
+use crate::events::{ChainAnchor, ChainCheck, Event, EventFilter, NewEvent, Severity};
 
 const COLUMNS: &str = "seq, at_ms, kind, severity, actor, device_id, message, hash";
 /// Events re-hashed per query while verifying.
@@ -117,10 +117,32 @@ impl SqliteCatalog {
         rows.iter().map(event_from_row).collect()
     }
 
-    pub(super) async fn events_verify(&self) -> Result<ChainCheck> {
-        let mut prev = Id([0; 32]);
-        let mut after = 0i64;
-        let mut checked = 0u64;
+    pub(super) async fn events_verify(
+        &self,
+        from: Option<ChainAnchor>,
+    ) -> Result<(ChainCheck, Option<ChainAnchor>)> {
+        const DOING: &str = "verifying the event chain";
+        let (mut prev, mut after, mut checked) = (Id([0; 32]), 0i64, 0u64);
+        if let Some(anchor) = from {
+            let stored: Option<Vec<u8>> =
+                sqlx::query_scalar("SELECT hash FROM events WHERE seq = ?")
+                    .bind(anchor.seq)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(q(DOING))?;
+            if stored.as_deref() != Some(&anchor.hash.0[..]) {
+                // The chain up to the anchor was rewritten (or cut) since it was checked.
+                return Ok((
+                    ChainCheck::BrokenAt {
+                        seq: anchor.seq,
+                        events_before: anchor.events.saturating_sub(1),
+                    },
+                    None,
+                ));
+            }
+            (prev, after, checked) = (anchor.hash, anchor.seq, anchor.events);
+        }
+        let anchor = |hash, seq, events| (events > 0).then_some(ChainAnchor { seq, hash, events });
         loop {
             let rows = sqlx::query(AssertSqlSafe(format!(
                 "SELECT {COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
@@ -129,17 +151,23 @@ impl SqliteCatalog {
             .bind(VERIFY_PAGE)
             .fetch_all(&self.pool)
             .await
-            .map_err(q("verifying the event chain"))?;
+            .map_err(q(DOING))?;
             if rows.is_empty() {
-                return Ok(ChainCheck::Intact { events: checked });
+                return Ok((
+                    ChainCheck::Intact { events: checked },
+                    anchor(prev, after, checked),
+                ));
             }
             for row in &rows {
                 let event = event_from_row(row)?;
                 if event.event.chain_hash(&prev) != event.hash {
-                    return Ok(ChainCheck::BrokenAt {
-                        seq: event.seq,
-                        events_before: checked,
-                    });
+                    return Ok((
+                        ChainCheck::BrokenAt {
+                            seq: event.seq,
+                            events_before: checked,
+                        },
+                        None,
+                    ));
                 }
                 prev = event.hash;
                 after = event.seq;
@@ -205,6 +233,30 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(cat.events_page(&gc, None, 100).await.unwrap().len(), 5);
+
+        // A check from an anchor re-hashes only what came after it, and sees a rewrite of the
+        // chain before it through the anchor's own hash.
+        let (check, anchor) = cat.verify_events_from(None).await.unwrap();
+        assert_eq!(check, ChainCheck::Intact { events: 10 });
+        let anchor = anchor.unwrap();
+        assert_eq!((anchor.seq, anchor.events), (10, 10));
+        cat.record_event(&event(99, None, "gc.finished", Severity::Info))
+            .await
+            .unwrap();
+        let (check, next) = cat.verify_events_from(Some(anchor)).await.unwrap();
+        assert_eq!(check, ChainCheck::Intact { events: 11 });
+        assert_eq!(next.unwrap().seq, 11);
+        sqlx::query("UPDATE events SET hash = zeroblob(32) WHERE seq = 10")
+            .execute(&cat.pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            cat.verify_events_from(Some(anchor)).await.unwrap().0,
+            ChainCheck::BrokenAt {
+                seq: 10,
+                events_before: 9
+            }
+        );
 
         sqlx::query("UPDATE events SET message = 'nothing happened' WHERE seq = 4")
             .execute(&cat.pool)
