@@ -1129,6 +1129,7 @@ mod tests {
                     ..Default::default()
                 },
                 message: message.into(),
+                files: None,
             })
         };
         let (status, _) = h
