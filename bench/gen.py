@@ -3,8 +3,8 @@
 
 gen.py base DIR [SCALE]        an OS-like base tree (~50k entries at SCALE 1)
 gen.py user DIR N [SCALE]      user files unique to endpoint N, added into DIR
-gen.py change DIR [SCALE]      changes ~1 % of files in DIR: appended, edited in the middle,
-                               added, deleted
+gen.py change DIR [PERCENT]    changes PERCENT % (default 1) of the files in DIR: appended,
+                               edited in the middle, added, deleted
 """
 import os
 import random
@@ -79,13 +79,13 @@ def user(root, n, scale):
             f.write(content(rng, size_of(rng)))
 
 
-def change(root, scale):
+def change(root, percent):
     rng = random.Random(777)
     paths = []
     for d, _, fs in os.walk(root):
         paths.extend(os.path.join(d, f) for f in fs if not os.path.islink(os.path.join(d, f)))
     paths.sort()
-    picked = rng.sample(paths, max(4, len(paths) // 100))
+    picked = rng.sample(paths, max(4, int(len(paths) * percent / 100)))
     for i, p in enumerate(picked):
         kind = i % 4
         if kind == 0:
@@ -110,6 +110,6 @@ if __name__ == "__main__":
     elif cmd == "user":
         user(target, int(sys.argv[3]), float(sys.argv[4]) if len(sys.argv) > 4 else 1.0)
     elif cmd == "change":
-        change(target, 1.0)
+        change(target, float(sys.argv[3]) if len(sys.argv) > 3 else 1.0)
     else:
         sys.exit(__doc__)

@@ -10,11 +10,17 @@
 //! 3. The restore engine writes every file under a temporary name in its own folder (same
 //!    filesystem) and renames it into place, file by file; then the paths the previous
 //!    layers owned and the new ones lack are removed.
-//! 4. The journal goes last. If the agent dies before, `run` finds the journal on its next
+//!    Files the device already holds as the layers want them (the pre-layer-update
+//!    snapshot and the file's stat agree, and so do content, owner, mode and mtime) are
+//!    neither fetched nor written, so an update costs what changed.
+//! 4. The device's matching driver sets (carried in the job) are delivered into their
+//!    folders, each replacing what was there; a device with no machine identity (an empty
+//!    one being provisioned) is given its own.
+//! 5. The journal goes last. If the agent dies before, `run` finds the journal on its next
 //!    start and applies the same job again: every step converges on the same target, so a
 //!    device never stays half-applied.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -22,7 +28,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use indicatif::ProgressBar;
 use morgana_core::Id;
-use morgana_core::control::{ApplyJob, Job, RuleSet};
+use morgana_core::control::{ApplyJob, DriverDelivery, FileOutcome, FileResults, Job, RuleSet};
 use morgana_core::image::{self, Flat};
 use morgana_core::pack::{BlobKind, Codec, Compression, DEFAULT_ZSTD_LEVEL};
 use morgana_core::policy::{Area, HOME_MACRO};
@@ -111,23 +117,45 @@ pub async fn run(
         save(state, &journal)?;
     }
     let root = state.device()?.root;
-    let keep = keep(state, &root, job)?;
+    let pre = journal.pre_snapshot.clone().unwrap_or_default();
+    let pre_root = client
+        .snapshots()
+        .await
+        .context("cannot list the device's snapshots to compare with the layers")?
+        .into_iter()
+        .find(|s| s.id == pre)
+        .map(|s| s.root);
+    let kept = Arc::new(Kept::new(state, &root, job)?);
     let client2 = client.clone();
     let handle = tokio::runtime::Handle::current();
     let job2 = job.clone();
-    let live = live.clone();
+    let live2 = live.clone();
     let root2 = root.clone();
-    let keep2 = keep.clone();
+    let kept2 = kept.clone();
     let resuming = resumed.is_some();
-    let done = tokio::task::spawn_blocking(move || {
+    let job_id2 = job_id.to_owned();
+    let written = tokio::task::spawn_blocking(move || {
         let source = ClientSource {
             client: client2,
             handle,
         };
-        write_target(&source, &job2, &root2, keep2, live, resuming)
+        let mut w = write_target(&source, &job2, &root2, &kept2, pre_root, live2, resuming)?;
+        deliver_drivers(&source, &root2, &job2.drivers, &job_id2, &mut w.results)
+            .map(|stats| w.stats.add(&stats))?;
+        Ok::<_, Failure>(w)
     })
     .await
-    .context("the apply thread stopped unexpectedly")??;
+    .context("the apply thread stopped unexpectedly")?;
+    let mut done = match written {
+        Ok(w) => w,
+        Err(f) => {
+            let mut results = f.results;
+            results.push(f.path, FileOutcome::Failed, format!("{:#}", f.error));
+            results.bound();
+            *live.results.lock().unwrap() = Some(results);
+            return Err(f.error);
+        }
+    };
     if let Some(ms) = std::env::var(DELAY_ENV)
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
@@ -137,7 +165,12 @@ pub async fn run(
     let mut removed = 0u64;
     for p in &job.remove {
         let rel = p.strip_prefix(b"/").unwrap_or(p);
-        if rel.is_empty() || keep.keeps(rel) {
+        if rel.is_empty() {
+            continue;
+        }
+        if let Some(why) = kept.reason(rel) {
+            done.results
+                .push(restore::show(p), FileOutcome::Kept, why.to_owned());
             continue;
         }
         if restore::parse_subpath(Path::new(std::ffi::OsStr::from_bytes(rel))).is_err() {
@@ -148,95 +181,332 @@ pub async fn run(
             continue;
         }
         let path = root.join(std::ffi::OsStr::from_bytes(rel));
-        if remove_any(&path)? {
-            tracing::info!(path = %path.display(), "removed: the new layers do not have it");
-            removed += 1;
+        match remove_any(&path) {
+            Ok(true) => {
+                tracing::info!(path = %path.display(), "removed: the new layers do not have it");
+                done.results
+                    .push(restore::show(p), FileOutcome::Removed, String::new());
+                removed += 1;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                done.results
+                    .push(restore::show(p), FileOutcome::Failed, format!("{e:#}"));
+                done.results.bound();
+                *live.results.lock().unwrap() = Some(done.results);
+                return Err(e);
+            }
         }
+    }
+    let identity = provide_identity(&root, &job.hostname)?;
+    for (path, what) in &identity {
+        done.results
+            .push((*path).to_owned(), FileOutcome::Added, (*what).to_owned());
     }
     std::fs::remove_file(state.path(JOURNAL_FILE))
         .context("the layers are applied but the apply journal could not be removed")?;
-    Ok(format!(
-        "{}layers applied (the state before is snapshot {}): {} files ({}) written, {} folders, \
-         {} stale paths removed, {} fetched, {} leftovers of an interrupted apply cleaned",
+    done.results.fetched_bytes = done.stats.fetched_bytes;
+    done.results.written_bytes = done.stats.bytes;
+    let r = &done.results;
+    let message = format!(
+        "{}layers applied (the state before is snapshot {}): {} added, {} replaced, {} \
+         removed, {} kept, {} unchanged; {} files ({}) written, {} folders, {} fetched, {} \
+         driver sets delivered{}, {} leftovers of an interrupted apply cleaned",
         if resuming {
             "interrupted apply resumed: "
         } else {
             ""
         },
         journal.pre_snapshot.unwrap_or_default(),
+        r.added,
+        r.replaced,
+        removed,
+        r.kept,
+        r.unchanged,
         done.stats.files,
         human(done.stats.bytes),
         done.stats.dirs,
-        removed,
         human(done.stats.fetched_bytes),
+        job.drivers.len(),
+        if identity.is_empty() {
+            String::new()
+        } else {
+            ", own identity given (SSH host keys are left to sshd at first boot)".to_owned()
+        },
         done.cleaned
-    ))
+    );
+    done.results.bound();
+    *live.results.lock().unwrap() = Some(done.results);
+    Ok(message)
 }
 
-/// Paths an apply never writes or removes: the agent's state, the unprotected area, the
-/// user area and the do-not-override list.
-fn keep(state: &State, root: &Path, job: &ApplyJob) -> anyhow::Result<Keep> {
-    let policy = crate::jobs::held_policy(state);
-    let unprotected = Area::unprotected(
-        policy
-            .as_ref()
-            .map_or(&RuleSet::default(), |p| &p.unprotected),
-    )
-    .context("the held policy's unprotected area is unusable")?;
-    let default_user = RuleSet {
-        rules: vec![HOME_MACRO.to_owned()],
-        exceptions: vec![],
+/// Machine identity a device needs and layers never carry: a fresh `/etc/machine-id` (in
+/// systemd's format, a random v4 UUID as 32 hex digits) and `/etc/hostname` (the enrolled
+/// hostname), each written only when the device has none, so a provisioned empty device
+/// gets its own and an existing one keeps its own. SSH host keys are not made here: sshd's
+/// first start (`ssh-keygen -A` in Debian's unit) generates them on the device itself.
+fn provide_identity(
+    root: &Path,
+    hostname: &str,
+) -> anyhow::Result<Vec<(&'static str, &'static str)>> {
+    let mut given = Vec::new();
+    let missing = |rel: &str| matches!(std::fs::symlink_metadata(root.join(rel)), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+    let write = |rel: &str, data: &[u8], mode: u32| -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = root.join(rel);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| {
+                format!("cannot create {} for the device's identity", dir.display())
+            })?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .with_context(|| {
+                format!("cannot create {} for the device's identity", path.display())
+            })?;
+        f.write_all(data)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("cannot write {}", path.display()))
     };
-    let user = Area::compile(policy.as_ref().map_or(&default_user, |p| &p.user_area))
-        .context("the held policy's user area is unusable")?;
-    let state_rel = root.canonicalize().ok().and_then(|root| {
-        let dir = state.dir.canonicalize().ok()?;
-        Some(
-            dir.strip_prefix(&root)
-                .ok()?
-                .as_os_str()
-                .as_bytes()
-                .to_vec(),
+    if missing("etc/machine-id") {
+        write("etc/machine-id", machine_id().as_bytes(), 0o444)?;
+        given.push((
+            "/etc/machine-id",
+            "the device's own identity: a fresh machine id",
+        ));
+    }
+    if !hostname.is_empty() && missing("etc/hostname") {
+        write("etc/hostname", format!("{hostname}\n").as_bytes(), 0o644)?;
+        given.push((
+            "/etc/hostname",
+            "the device's own identity: its enrolled hostname",
+        ));
+    }
+    Ok(given)
+}
+
+/// A random machine id as systemd writes one: 128 bits with the UUID v4 version and
+/// variant bits set, 32 lowercase hex digits and a newline.
+fn machine_id() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("the operating system's random number generator failed");
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let mut s: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    s.push('\n');
+    s
+}
+
+/// Each driver set into its folder (as seen from the protected root): restored into a
+/// staging folder beside it, then renamed over what the folder held (blocking).
+pub(crate) fn deliver_drivers(
+    source: &dyn BlobSource,
+    root: &Path,
+    drivers: &[DriverDelivery],
+    job_id: &str,
+    results: &mut FileResults,
+) -> Result<restore::Stats, Failure> {
+    let mut total = restore::Stats::default();
+    for d in drivers {
+        let fail = |error: anyhow::Error| Failure {
+            path: d.target.clone(),
+            error,
+            results: FileResults::default(),
+        };
+        let rel = d.target.trim_start_matches('/');
+        let parts = restore::parse_subpath(Path::new(rel)).map_err(|e| {
+            fail(anyhow::anyhow!(
+                "driver set {} has an unusable target: {e}",
+                d.set
+            ))
+        })?;
+        if parts.is_empty() {
+            return Err(fail(anyhow::anyhow!(
+                "driver set {} would replace the whole protected root; fix the profile's path",
+                d.set
+            )));
+        }
+        let dest = root.join(rel);
+        let parent = dest.parent().unwrap_or(root).to_path_buf();
+        let staging = parent.join(format!(".morgana-job-{job_id}-{}", d.set));
+        let placed = (|| -> anyhow::Result<(restore::Stats, bool)> {
+            std::fs::create_dir_all(&parent)
+                .with_context(|| format!("cannot create the driver folder {}", parent.display()))?;
+            remove_any(&staging)?;
+            std::fs::create_dir(&staging)
+                .with_context(|| format!("cannot create {}", staging.display()))?;
+            let req = Request::new(
+                format!("driver set {} v{}", d.set, d.version),
+                d.root,
+                Vec::new(),
+                staging.clone(),
+            );
+            let stats = restore::restore(source, &req)
+                .with_context(|| format!("writing driver set {} v{} failed", d.set, d.version))?;
+            let had = remove_any(&dest)?;
+            std::fs::rename(&staging, &dest).with_context(|| {
+                format!(
+                    "cannot move driver set {} into place at {}",
+                    d.set,
+                    dest.display()
+                )
+            })?;
+            Ok((stats, had))
+        })();
+        let (stats, had) = match placed {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = remove_any(&staging);
+                return Err(fail(e));
+            }
+        };
+        total.add(&stats);
+        results.push(
+            d.target.clone(),
+            if had {
+                FileOutcome::Replaced
+            } else {
+                FileOutcome::Added
+            },
+            format!("driver set {} v{}", d.set, d.version),
+        );
+    }
+    Ok(total)
+}
+
+/// An apply step that failed: on what, why, and what was decided before it.
+pub(crate) struct Failure {
+    pub path: String,
+    pub error: anyhow::Error,
+    pub results: FileResults,
+}
+
+/// Paths an apply never writes or removes, and why: the agent's state, the unprotected
+/// area, the user area, the do-not-override list and the delivered driver sets' folders.
+struct Kept {
+    state_rel: Option<Vec<u8>>,
+    unprotected: Area,
+    user: Area,
+    do_not_override: Vec<Vec<u8>>,
+    drivers: Vec<Vec<u8>>,
+}
+
+impl Kept {
+    fn new(state: &State, root: &Path, job: &ApplyJob) -> anyhow::Result<Kept> {
+        let policy = crate::jobs::held_policy(state);
+        let unprotected = Area::unprotected(
+            policy
+                .as_ref()
+                .map_or(&RuleSet::default(), |p| &p.unprotected),
         )
-    });
-    let dno = job.do_not_override.clone();
-    Ok(Keep(Arc::new(move |rel: &[u8]| {
-        if state_rel.as_ref().is_some_and(|s| image::is_within(rel, s)) {
-            return true;
+        .context("the held policy's unprotected area is unusable")?;
+        let default_user = RuleSet {
+            rules: vec![HOME_MACRO.to_owned()],
+            exceptions: vec![],
+        };
+        let user = Area::compile(policy.as_ref().map_or(&default_user, |p| &p.user_area))
+            .context("the held policy's user area is unusable")?;
+        let state_rel = root.canonicalize().ok().and_then(|root| {
+            let dir = state.dir.canonicalize().ok()?;
+            Some(
+                dir.strip_prefix(&root)
+                    .ok()?
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec(),
+            )
+        });
+        Ok(Kept {
+            state_rel,
+            unprotected,
+            user,
+            do_not_override: job.do_not_override.clone(),
+            drivers: job
+                .drivers
+                .iter()
+                .map(|d| d.target.trim_end_matches('/').as_bytes().to_vec())
+                .collect(),
+        })
+    }
+
+    /// Why the apply leaves `rel` (relative to the root) alone, if it does.
+    fn reason(&self, rel: &[u8]) -> Option<&'static str> {
+        if self
+            .state_rel
+            .as_ref()
+            .is_some_and(|s| image::is_within(rel, s))
+        {
+            return Some("the agent's own state");
         }
         let mut abs = Vec::with_capacity(rel.len() + 1);
         abs.push(b'/');
         abs.extend_from_slice(rel);
-        unprotected.contains(&abs)
-            || user.contains(&abs)
-            || dno.iter().any(|d| image::is_within(&abs, d))
-    })))
+        if self
+            .do_not_override
+            .iter()
+            .any(|d| image::is_within(&abs, d))
+        {
+            Some("on the do-not-override list")
+        } else if self.drivers.iter().any(|d| image::is_within(&abs, d)) {
+            Some("a delivered driver set's folder")
+        } else if self.user.contains(&abs) {
+            Some("in the device's user area")
+        } else if self.unprotected.contains(&abs) {
+            Some("in the device's unprotected area")
+        } else {
+            None
+        }
+    }
 }
 
 struct Written {
     stats: restore::Stats,
     cleaned: u64,
+    results: FileResults,
 }
 
-/// Builds the target and writes it over the root (blocking).
+/// Builds the target and writes what differs from the device over the root (blocking).
 fn write_target(
     source: &ClientSource,
     job: &ApplyJob,
     root: &Path,
-    keep: Keep,
+    kept: &Arc<Kept>,
+    pre_root: Option<Id>,
     live: Arc<Progress>,
     resuming: bool,
-) -> anyhow::Result<Written> {
+) -> Result<Written, Failure> {
+    let fail = |error: anyhow::Error| Failure {
+        path: "/".into(),
+        error,
+        results: FileResults::default(),
+    };
     let mut codec = Codec::new(DEFAULT_ZSTD_LEVEL);
-    let base = flatten(source, &mut codec, job.base.root)?;
+    let base = flatten(source, &mut codec, job.base.root).map_err(fail)?;
     let mut apps = Vec::new();
     for app in &job.apps {
         apps.push((
-            flatten(source, &mut codec, app.root)?,
+            flatten(source, &mut codec, app.root).map_err(fail)?,
             app.deletions.as_slice(),
         ));
     }
-    let (target, _) = image::target(base, apps, &job.do_not_override);
+    let (target, dno) = image::target(base, apps, &job.do_not_override);
+    let device = match pre_root {
+        Some(r) => flatten(source, &mut codec, r).map_err(fail)?,
+        None => Flat::new(),
+    };
+    let mut results = FileResults::default();
+    for p in &dno {
+        results.push(
+            restore::show(p),
+            FileOutcome::Kept,
+            "on the do-not-override list".into(),
+        );
+    }
+    let unchanged = classify(root, &target, &device, kept, &mut results);
     let (tree_root, trees) = image::build(&target);
     let source = WithTrees {
         trees: trees.into_iter().map(|(id, t)| (id, t.encode())).collect(),
@@ -248,15 +518,98 @@ fn write_target(
         Vec::new(),
         root.to_path_buf(),
     );
-    req.keep = Some(keep);
+    let kept2 = kept.clone();
+    req.keep = Some(Keep(Arc::new(move |rel: &[u8]| {
+        unchanged.contains(rel) || kept2.reason(rel).is_some()
+    })));
     req.progress = Some(live);
-    let stats = restore::restore(&source, &req).context("writing the layers' files failed")?;
+    let stats = match restore::restore(&source, &req) {
+        Ok(s) => s,
+        Err(e) => {
+            let path = e.path().map_or_else(
+                || "/".to_owned(),
+                |p| format!("/{}", p.trim_start_matches('/')),
+            );
+            // What was planned is not claimed as done: only the failure is listed.
+            let kept_only = FileResults {
+                files: results
+                    .files
+                    .into_iter()
+                    .filter(|f| f.outcome == FileOutcome::Kept)
+                    .collect(),
+                kept: results.kept,
+                ..FileResults::default()
+            };
+            return Err(Failure {
+                path,
+                error: anyhow::Error::new(e).context("writing the layers' files failed"),
+                results: kept_only,
+            });
+        }
+    };
     let cleaned = if resuming {
-        clean_leftovers(root, &target)?
+        clean_leftovers(root, &target).map_err(fail)?
     } else {
         0
     };
-    Ok(Written { stats, cleaned })
+    Ok(Written {
+        stats,
+        cleaned,
+        results,
+    })
+}
+
+/// Sorts every non-directory path of `target` into added, replaced, kept or unchanged;
+/// returns the unchanged ones (relative to the root), which the write leaves alone. A path
+/// is unchanged when the pre-layer-update snapshot (`device`) holds the layers' content,
+/// owner, mode and mtime there and the file on disk still has that snapshot's size, mtime
+/// and kind.
+fn classify(
+    root: &Path,
+    target: &Flat,
+    device: &Flat,
+    kept: &Kept,
+    results: &mut FileResults,
+) -> HashSet<Vec<u8>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut unchanged = HashSet::new();
+    for (path, entry) in target {
+        if entry.kind == Some(Kind::Dir) {
+            continue;
+        }
+        let rel = path.strip_prefix(b"/").unwrap_or(path);
+        if let Some(why) = kept.reason(rel) {
+            results.push(restore::show(path), FileOutcome::Kept, why.to_owned());
+            continue;
+        }
+        let on_disk = std::fs::symlink_metadata(root.join(std::ffi::OsStr::from_bytes(rel))).ok();
+        let Some(meta) = on_disk else {
+            results.push(restore::show(path), FileOutcome::Added, String::new());
+            continue;
+        };
+        let same = device.get(path).is_some_and(|had| {
+            let kind_on_disk = if meta.file_type().is_symlink() {
+                Some(Kind::Symlink)
+            } else if meta.is_file() {
+                Some(Kind::File)
+            } else {
+                None
+            };
+            image::same_content(had, entry)
+                && had.mtime_ns == entry.mtime_ns
+                && kind_on_disk == had.kind
+                && (had.kind == Some(Kind::Symlink)
+                    || (meta.size() == had.size
+                        && meta.mtime() * 1_000_000_000 + meta.mtime_nsec() == had.mtime_ns))
+        });
+        if same {
+            results.unchanged += 1;
+            unchanged.insert(rel.to_vec());
+        } else {
+            results.push(restore::show(path), FileOutcome::Replaced, String::new());
+        }
+    }
+    unchanged
 }
 
 /// Removes temporary files a killed apply left in the layers' folders.
@@ -284,40 +637,60 @@ fn clean_leftovers(root: &Path, target: &Flat) -> anyhow::Result<u64> {
     Ok(cleaned)
 }
 
-/// Every entry below the tree `root`, by absolute path.
+/// Every entry below the tree `root`, by absolute path. Trees are fetched a level at a
+/// time, many per request: a round trip per folder would dominate an update's time.
 fn flatten(source: &dyn BlobSource, codec: &mut Codec, root: Id) -> anyhow::Result<Flat> {
+    const TREES_PER_REQUEST: usize = 1024;
     let mut flat = Flat::new();
-    let mut stack = vec![(root, Vec::new())];
-    while let Some((id, dir)) = stack.pop() {
-        for entry in load_tree(source, codec, id)?.entries {
-            let path = image::child_path(&dir, &entry.name);
-            if let (Some(Kind::Dir), Content::Tree(sub)) = (entry.kind, &entry.content) {
-                stack.push((*sub, path.clone()));
+    let mut level = vec![(root, Vec::new())];
+    while !level.is_empty() {
+        let mut next = Vec::new();
+        for batch in level.chunks(TREES_PER_REQUEST) {
+            let ids: Vec<Id> = batch.iter().map(|(id, _)| *id).collect();
+            let trees = load_trees(source, codec, &ids)?;
+            for (id, dir) in batch {
+                for entry in trees[id].entries.iter().cloned() {
+                    let path = image::child_path(dir, &entry.name);
+                    if let (Some(Kind::Dir), Content::Tree(sub)) = (entry.kind, &entry.content) {
+                        next.push((*sub, path.clone()));
+                    }
+                    flat.insert(path, entry);
+                }
             }
-            flat.insert(path, entry);
         }
+        level = next;
     }
     Ok(flat)
 }
 
-fn load_tree(source: &dyn BlobSource, codec: &mut Codec, id: Id) -> anyhow::Result<Tree> {
-    let mut tree = None;
-    source.fetch(&[id], &mut |frame, stored| {
+/// The trees `ids` (the same tree may appear at several places: the appliance answers
+/// each id once).
+fn load_trees(
+    source: &dyn BlobSource,
+    codec: &mut Codec,
+    ids: &[Id],
+) -> anyhow::Result<HashMap<Id, Tree>> {
+    let mut unique = ids.to_vec();
+    unique.sort();
+    unique.dedup();
+    let mut trees = HashMap::new();
+    source.fetch(&unique, &mut |frame, stored| {
         if frame.kind.is_none() {
             return Ok(());
         }
+        let id = frame.id;
         let raw = codec
             .open(frame.id, frame.compression, stored, frame.raw_len)
             .map_err(|e| RestoreError::Protocol(format!("layer tree {id}: {e}")))?;
-        tree = Some(
-            Tree::decode(&raw)
-                .map_err(|e| RestoreError::Protocol(format!("layer tree {id}: {e}")))?,
-        );
+        let tree = Tree::decode(&raw)
+            .map_err(|e| RestoreError::Protocol(format!("layer tree {id}: {e}")))?;
+        trees.insert(id, tree);
         Ok(())
     })?;
-    tree.with_context(|| {
-        format!("the appliance does not have layer tree {id}; run `morgana check` there")
-    })
+    if let Some(id) = unique.iter().find(|id| !trees.contains_key(*id)) {
+        anyhow::bail!("the appliance does not have layer tree {id}; run `morgana check` there");
+    }
+    Ok(trees)
 }
 
 /// The appliance's blobs, plus the target's directory trees built here.

@@ -157,10 +157,7 @@ impl RestoreRun<'_> {
         for p in paths {
             let sub = subpath(p)?;
             let Some(name) = sub.last().cloned() else {
-                add(
-                    &mut total,
-                    &self.engine(self.request(sub, target.into())).await?,
-                );
+                total.add(&self.engine(self.request(sub, target.into())).await?);
                 continue;
             };
             let staging = target.join(format!(".morgana-job-{}", self.job_id));
@@ -191,7 +188,7 @@ impl RestoreRun<'_> {
                     Ok(stats)
                 });
             let cleaned = remove_any(&staging);
-            add(&mut total, &restored?);
+            total.add(&restored?);
             cleaned?;
         }
         Ok(format!(
@@ -219,7 +216,7 @@ impl RestoreRun<'_> {
             let mut req = self.request(sub, root.to_path_buf());
             req.prune = true;
             req.keep = keep.clone();
-            add(&mut total, &self.engine(req).await?);
+            total.add(&self.engine(req).await?);
         }
         Ok(format!(
             "restored {} from snapshot {} in place: {}",
@@ -261,6 +258,16 @@ impl RestoreRun<'_> {
             .await
             .context("the pre-revert snapshot failed, so nothing was reverted")?;
         let state_keep = self.state_keep(root);
+        // Onto new hardware, the folders drivers are delivered into stay the device's own:
+        // the snapshot's machine's drivers would not fit it.
+        let driver_dirs: Vec<Vec<u8>> = self
+            .r
+            .drivers
+            .iter()
+            .filter_map(|d| Path::new(&d.target).parent())
+            .map(|p| p.as_os_str().as_bytes().to_vec())
+            .filter(|p| p.len() > 1)
+            .collect();
         let keep = Keep(Arc::new(move |rel: &[u8]| {
             if state_keep.as_ref().is_some_and(|k| k.keeps(rel)) {
                 return true;
@@ -268,21 +275,56 @@ impl RestoreRun<'_> {
             let mut abs = Vec::with_capacity(rel.len() + 1);
             abs.push(b'/');
             abs.extend_from_slice(rel);
-            unprotected.contains(&abs) || user.as_ref().is_some_and(|u| u.contains(&abs))
+            unprotected.contains(&abs)
+                || user.as_ref().is_some_and(|u| u.contains(&abs))
+                || driver_dirs
+                    .iter()
+                    .any(|d| morgana_core::image::is_within(&abs, d))
         }));
         let mut req = self.request(Vec::new(), root.to_path_buf());
         req.prune = true;
         req.keep = Some(keep);
-        let stats = self.engine(req).await?;
+        let mut stats = self.engine(req).await?;
+        // Onto new hardware: the device's own drivers, not the snapshot's machine's.
+        if !self.r.drivers.is_empty() {
+            let (client, handle) = (self.client.clone(), tokio::runtime::Handle::current());
+            let (root, drivers, job_id) = (
+                root.to_path_buf(),
+                self.r.drivers.clone(),
+                self.job_id.to_owned(),
+            );
+            let delivered = tokio::task::spawn_blocking(move || {
+                let mut results = morgana_core::control::FileResults::default();
+                crate::apply::deliver_drivers(
+                    &ClientSource { client, handle },
+                    &root,
+                    &drivers,
+                    &job_id,
+                    &mut results,
+                )
+                .map_err(|f| {
+                    f.error
+                        .context(format!("delivering drivers into {}", f.path))
+                })
+            })
+            .await
+            .context("the driver delivery thread stopped unexpectedly")??;
+            stats.add(&delivered);
+        }
         let what = match scope {
             RestoreScope::SystemOnly => "system-only revert (user data kept)",
             _ => "full revert",
         };
         Ok(format!(
-            "{what} to snapshot {} done (the state before is snapshot {}): {}",
+            "{what} to snapshot {} done (the state before is snapshot {}): {}{}",
             self.r.snapshot,
             before.snapshot,
-            summary(&stats)
+            summary(&stats),
+            if self.r.drivers.is_empty() {
+                String::new()
+            } else {
+                format!(", {} driver sets delivered", self.r.drivers.len())
+            }
         ))
     }
 
@@ -321,16 +363,6 @@ pub(crate) fn remove_any(p: &Path) -> anyhow::Result<bool> {
     };
     removed.with_context(|| format!("cannot remove {} to make room", p.display()))?;
     Ok(true)
-}
-
-fn add(total: &mut Stats, s: &Stats) {
-    total.files += s.files;
-    total.dirs += s.dirs;
-    total.symlinks += s.symlinks;
-    total.bytes += s.bytes;
-    total.fetched_bytes += s.fetched_bytes;
-    total.removed += s.removed;
-    total.warnings += s.warnings;
 }
 
 fn summary(s: &Stats) -> String {

@@ -104,6 +104,21 @@ pub enum RestoreError {
     Protocol(String),
 }
 
+impl RestoreError {
+    /// The file or folder the error is about, as the snapshot names it, if it names one.
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            RestoreError::HostileName { path, .. }
+            | RestoreError::DamagedTree { path, .. }
+            | RestoreError::DamagedChunk { path, .. }
+            | RestoreError::FileMismatch { path, .. }
+            | RestoreError::NoSuchPath { path, .. }
+            | RestoreError::Io { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+}
+
 /// Receives one fetched frame and its stored bytes.
 pub type OnBlob<'a> = dyn FnMut(BlobFrame, &[u8]) -> Result<(), RestoreError> + 'a;
 
@@ -181,6 +196,8 @@ impl std::fmt::Debug for Keep {
 pub struct Progress {
     pub files: AtomicU64,
     pub bytes: AtomicU64,
+    /// A layer apply's per-file results, left here for the job's final report.
+    pub results: Mutex<Option<morgana_core::control::FileResults>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -200,6 +217,22 @@ pub struct Stats {
     pub warnings: u64,
     /// Entries removed because the snapshot does not have them (`prune`).
     pub removed: u64,
+}
+
+impl Stats {
+    /// Adds another restore's counts, for jobs made of several.
+    pub fn add(&mut self, s: &Stats) {
+        self.files += s.files;
+        self.dirs += s.dirs;
+        self.symlinks += s.symlinks;
+        self.specials += s.specials;
+        self.hardlinks += s.hardlinks;
+        self.bytes += s.bytes;
+        self.fetched_bytes += s.fetched_bytes;
+        self.fetched_chunks += s.fetched_chunks;
+        self.removed += s.removed;
+        self.warnings += s.warnings;
+    }
 }
 
 /// Splits `--path` into tree names, refusing anything that could leave the snapshot root:

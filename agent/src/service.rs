@@ -379,6 +379,7 @@ async fn run_job(
                         state: JobState::Running,
                         progress: progress(&live, &bar),
                         message: String::new(),
+                        files: None,
                     };
                     // Progress is best effort; the outcome is retried below.
                     if let Err(e) = control.report_job(&report).await {
@@ -414,6 +415,7 @@ async fn run_job(
         state: job_state,
         progress: progress(&live, &bar),
         message,
+        files: live.results.lock().unwrap().take(),
     };
     let mut backoff = Backoff::new(Duration::from_secs(30));
     for attempt in 1..=REPORT_ATTEMPTS {

@@ -1149,6 +1149,7 @@ mod tests {
                     ..Default::default()
                 },
                 message: message.into(),
+                files: None,
             })
         };
         let (status, _) = h

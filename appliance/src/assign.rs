@@ -15,7 +15,8 @@ use morgana_core::plugin::types::LayerKind;
 use morgana_core::tree::{Content, Kind};
 use serde::Serialize;
 
-use crate::catalog::{Assignment, Catalog, CatalogError, LayerPin, LayerRecord};
+use crate::catalog::{Assignment, Catalog, CatalogError, JobRecord, LayerPin, LayerRecord};
+use crate::hooks::Hooks;
 use crate::store::{PackStore, PackStoreError, TreeLoadError, load_tree, with_codec};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,8 @@ pub enum AssignError {
     BadPath(String),
     #[error("reading the blob store failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("cannot work out the device's driver sets: {0}")]
+    Drivers(#[from] crate::drivers::DriverError),
 }
 
 /// `NAME` or `NAME:VERSION`.
@@ -181,6 +184,8 @@ pub async fn plan(
             .map(|p| p.trim_end_matches('/').as_bytes().to_vec())
             .collect(),
         remove: Vec::new(),
+        drivers: Vec::new(),
+        hostname: String::new(),
     };
     let (target, kept) = target_of(catalog, &job).await?;
     let previous = match catalog.applied_layers(device_id).await? {
@@ -220,6 +225,32 @@ pub async fn plan(
         previous,
         kept,
     })
+}
+
+/// Queues `job` (a [`plan`]'s) for `device_id`, with what only the queuing moment knows:
+/// the device's matching driver sets (a base-layer update brings the drivers its hardware
+/// needs, written in the same apply) and its enrolled hostname (for a device that has none
+/// yet). Every path that queues an apply goes through here.
+pub async fn queue_apply(
+    catalog: &dyn Catalog,
+    hooks: &Hooks,
+    device_id: &str,
+    mut job: ApplyJob,
+    actor: &str,
+) -> Result<JobRecord, AssignError> {
+    job.drivers = crate::drivers::job_deliveries(catalog, hooks, device_id).await?;
+    job.hostname = catalog
+        .device_status(device_id)
+        .await?
+        .map(|s| s.device.hostname)
+        .unwrap_or_default();
+    Ok(crate::jobs::queue(
+        catalog,
+        device_id,
+        morgana_core::control::JobKind::ApplyLayers(job),
+        actor,
+    )
+    .await?)
 }
 
 /// What applying would do to one device.

@@ -14,7 +14,9 @@ use std::path::PathBuf;
 
 use async_trait::async_trait;
 use morgana_core::Id;
-use morgana_core::control::{ApplyJob, Inventory, JobKind, JobProgress, JobReport, JobState};
+use morgana_core::control::{
+    ApplyJob, FileResults, Inventory, JobKind, JobProgress, JobReport, JobState,
+};
 use morgana_core::pack::PackEntry;
 use morgana_core::plugin::Hook;
 use morgana_core::plugin::types::LayerKind;
@@ -386,6 +388,18 @@ pub trait Catalog: Send + Sync {
 
     /// After a rollback job succeeded: the device has the layers it had before again.
     async fn roll_back_applied(&self, device_id: &str, job_id: &str, now: &str) -> Result<()>;
+
+    /// Stores what an apply job did, file by file (replacing an earlier report of it).
+    async fn save_apply_results(
+        &self,
+        job_id: &str,
+        device_id: &str,
+        results: &FileResults,
+        now: &str,
+    ) -> Result<()>;
+
+    /// What apply job `job_id` did, if its agent reported it.
+    async fn apply_results(&self, job_id: &str) -> Result<Option<FileResults>>;
 
     // ---- Driver library (issue 6) ----
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use morgana_core::Id;
 use morgana_core::chunker::{Chunker, ChunkerParams};
-use morgana_core::control::{Inventory, JobKind, RestoreJob, RestoreScope};
+use morgana_core::control::{DriverDelivery, Inventory, JobKind, RestoreJob, RestoreScope};
 use morgana_core::pack::{BlobKind, PackBuilder, TARGET_PACK_BYTES};
 use morgana_core::plugin::PluginError;
 use morgana_core::plugin::types::{
@@ -714,6 +714,62 @@ pub async fn deliveries_for(
     Ok(out)
 }
 
+/// Every folder driver sets are delivered into (the default and each profile's), so that
+/// layer captures leave them out.
+pub async fn driver_paths(catalog: &dyn Catalog) -> Result<Vec<String>, CatalogError> {
+    let mut paths = vec![DEFAULT_DRIVER_PATH.to_owned()];
+    for (_, spec) in profiles(catalog).await.map_err(|e| match e {
+        DriverError::Catalog(e) => e,
+        other => CatalogError::Corrupt {
+            what: "driver profile",
+            detail: other.to_string(),
+        },
+    })? {
+        let p = spec.path().trim_end_matches('/').to_owned();
+        if !paths.contains(&p) {
+            paths.push(p);
+        }
+    }
+    Ok(paths)
+}
+
+/// The driver sets `device_id` gets, as an apply or a restore job carries them (paths as
+/// seen from the device's protected root, like every layer path).
+pub async fn job_deliveries(
+    catalog: &dyn Catalog,
+    hooks: &Hooks,
+    device_id: &str,
+) -> Result<Vec<DriverDelivery>, DriverError> {
+    Ok(deliveries_for(catalog, hooks, device_id, None)
+        .await?
+        .deliveries
+        .into_iter()
+        .map(|d| DriverDelivery {
+            set: d.set,
+            version: d.version,
+            root: d.root,
+            target: d.target,
+        })
+        .collect())
+}
+
+/// A whole-device revert onto another device than the snapshot's is a restore to new
+/// hardware: it brings the new device's own driver sets. Any other job is returned as it is.
+pub async fn for_new_hardware(
+    catalog: &dyn Catalog,
+    hooks: &Hooks,
+    device_id: &str,
+    mut kind: JobKind,
+) -> Result<JobKind, DriverError> {
+    if let JobKind::Restore(r) = &mut kind
+        && matches!(r.scope, RestoreScope::Full | RestoreScope::SystemOnly)
+        && r.source_device != device_id
+    {
+        r.drivers = job_deliveries(catalog, hooks, device_id).await?;
+    }
+    Ok(kind)
+}
+
 /// Queues one restore-to-a-new-place job per driver set `drivers` lists (the agent writes
 /// the set's tree into the target folder, replacing what was there under that name).
 /// `path` overrides every delivery's parent folder.
@@ -740,6 +796,7 @@ pub async fn deliver(
                     paths: vec!["/".into()],
                 },
                 target: Some(d.target.clone()),
+                drivers: Vec::new(),
             }),
             actor,
         )

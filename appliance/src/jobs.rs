@@ -49,6 +49,29 @@ pub async fn queue(
     Ok(job)
 }
 
+/// Waits until job `id` has finished (`Some`, succeeded or failed) or `timeout` passed
+/// (`None`), looking at the catalog every `poll`: the CLI's way to follow a job a running
+/// `serve` hands out.
+pub async fn wait_finished(
+    catalog: &dyn Catalog,
+    id: &str,
+    timeout: std::time::Duration,
+    poll: std::time::Duration,
+) -> Result<Option<JobRecord>> {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(job) = catalog.job(id).await?
+            && is_finished(job.state)
+        {
+            return Ok(Some(job));
+        }
+        if started.elapsed() >= timeout {
+            return Ok(None);
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
 /// One line for a person: `sync`, `restore of /home/a from snapshot S to /srv/x`, …
 pub fn describe(kind: &JobKind) -> String {
     match kind {
@@ -298,6 +321,7 @@ pub async fn restore_kind(
         root: snap.root,
         scope,
         target,
+        drivers: Vec::new(),
     }))
 }
 

@@ -193,7 +193,13 @@ impl<'a> Capture<'a> {
         // The reference machine's own policy says what is user data and what was never
         // uploaded; neither belongs in a layer.
         let policy = env.catalog.device_policy(&req.device.id).await?;
-        let unprotected = Area::unprotected(&policy.spec.unprotected)?;
+        // Delivered drivers follow each device's hardware, not the reference machine's: a
+        // layer that carried them would put the reference's drivers on every target.
+        let mut unprotected = policy.spec.unprotected.clone();
+        unprotected
+            .rules
+            .extend(crate::drivers::driver_paths(env.catalog.as_ref()).await?);
+        let unprotected = Area::unprotected(&unprotected)?;
         let user_area = Area::compile(&policy.spec.user_area)?;
         let holder = format!("layer-capture:{}", crate::random::hex(8));
         // Held first: the source snapshots may be pruned while the capture reads them.

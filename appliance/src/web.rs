@@ -73,6 +73,12 @@ impl WebState {
     pub fn catalog(&self) -> &dyn Catalog {
         self.0.catalog.as_ref()
     }
+
+    /// The plugin hooks, for decisions a job needs when it is queued (driver matching).
+    /// Made per use: a compiled plugin is cached on disk, and these are rare actions.
+    pub fn hooks(&self) -> crate::hooks::Hooks {
+        crate::hooks::Hooks::new(self.0.catalog.clone(), self.0.data.clone())
+    }
 }
 
 /// The UI and the REST API, to merge into the appliance's router.

@@ -229,6 +229,27 @@ pub struct ApplyJob {
     /// the apply removes them (files the user installed are in no layer, so never here).
     #[serde(default)]
     pub remove: Vec<Vec<u8>>,
+    /// The device's matching driver sets, written in the same apply: a base-layer update
+    /// brings the drivers its hardware needs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drivers: Vec<DriverDelivery>,
+    /// The device's enrolled hostname: written to `/etc/hostname` when the device has none
+    /// (an empty device being provisioned; layers never carry identity).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hostname: String,
+}
+
+/// One driver set version to put on a device. Older agents ignore the field that carries
+/// these; the on-demand delivery is a plain [`RestoreJob`] and needs none.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriverDelivery {
+    pub set: String,
+    pub version: u32,
+    /// The set's tree.
+    pub root: Id,
+    /// Absolute folder as seen from the protected root (like every layer path), e.g.
+    /// `/opt/morgana/drivers/intel-nic`; the set replaces what was there.
+    pub target: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,6 +264,11 @@ pub struct RestoreJob {
     /// protected root). A full or system-only revert always targets the original place.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// A revert onto other hardware than the snapshot's: the new device's own driver sets,
+    /// delivered after the revert. The folders they go into keep what the device had there
+    /// (the snapshot's machine's drivers would not fit it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drivers: Vec<DriverDelivery>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,6 +301,109 @@ pub struct JobReport {
     /// What happened, for a person: the error and what to do about it when failed.
     #[serde(default)]
     pub message: String,
+    /// A layer apply's per-file results, in its final report. Older appliances ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<FileResults>,
+}
+
+/// Most per-file entries one report carries; the counts cover every path. Failures and
+/// kept files are listed first, so what needs a person's eye is never cut off.
+pub const MAX_FILE_RESULTS: usize = 1000;
+/// Most bytes of paths and details listed in one report, well under the appliance's
+/// request limit.
+pub const MAX_FILE_RESULTS_BYTES: usize = 128 * 1024;
+
+/// What an apply did, path by path (bounded by [`MAX_FILE_RESULTS`]) and in numbers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileResults {
+    pub added: u64,
+    pub replaced: u64,
+    pub removed: u64,
+    pub kept: u64,
+    /// Already as the layers want them: neither fetched nor written.
+    pub unchanged: u64,
+    pub failed: u64,
+    /// Chunk bytes fetched from the appliance as stored (compressed), and file bytes
+    /// written to disk.
+    #[serde(default)]
+    pub fetched_bytes: u64,
+    #[serde(default)]
+    pub written_bytes: u64,
+    pub files: Vec<FileResult>,
+    /// Entries counted above but not listed.
+    #[serde(default)]
+    pub unlisted: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileResult {
+    /// Absolute as seen from the protected root (lossy UTF-8: this is for people).
+    pub path: String,
+    pub outcome: FileOutcome,
+    /// Why a file was kept, or the error that failed it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FileOutcome {
+    Failed,
+    Kept,
+    Added,
+    Replaced,
+    Removed,
+}
+
+impl FileOutcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            FileOutcome::Failed => "failed",
+            FileOutcome::Kept => "kept",
+            FileOutcome::Added => "added",
+            FileOutcome::Replaced => "replaced",
+            FileOutcome::Removed => "removed",
+        }
+    }
+}
+
+impl FileResults {
+    /// Counts `outcome` and lists it while there is room.
+    pub fn push(&mut self, path: String, outcome: FileOutcome, detail: String) {
+        match outcome {
+            FileOutcome::Failed => self.failed += 1,
+            FileOutcome::Kept => self.kept += 1,
+            FileOutcome::Added => self.added += 1,
+            FileOutcome::Replaced => self.replaced += 1,
+            FileOutcome::Removed => self.removed += 1,
+        }
+        self.files.push(FileResult {
+            path,
+            outcome,
+            detail,
+        });
+    }
+
+    /// Keeps at most [`MAX_FILE_RESULTS`] entries, failures and kept files first, then by
+    /// path; the rest is only counted.
+    pub fn bound(&mut self) {
+        self.files
+            .sort_by(|a, b| (a.outcome, &a.path).cmp(&(b.outcome, &b.path)));
+        // Long paths and error texts must not push the report past what the appliance
+        // takes in one request.
+        let mut bytes = 0;
+        let fits = self
+            .files
+            .iter()
+            .take(MAX_FILE_RESULTS)
+            .take_while(|f| {
+                bytes += f.path.len() + f.detail.len() + 32;
+                bytes <= MAX_FILE_RESULTS_BYTES
+            })
+            .count();
+        self.unlisted += (self.files.len() - fits) as u64;
+        self.files.truncate(fits);
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -301,6 +430,7 @@ mod tests {
                     paths: vec!["/home/a/doc.txt".into()],
                 },
                 target: None,
+                drivers: Vec::new(),
             }),
         };
         let json = serde_json::to_value(&job).unwrap();
@@ -314,6 +444,25 @@ mod tests {
         })
         .unwrap();
         assert_eq!(sync["kind"]["type"], "sync");
+    }
+
+    #[test]
+    fn file_results_stay_bounded_and_keep_failures() {
+        let mut r = FileResults::default();
+        for i in 0..MAX_FILE_RESULTS + 5 {
+            r.push(format!("/usr/f{i:05}"), FileOutcome::Added, String::new());
+        }
+        r.push("/zz".into(), FileOutcome::Failed, "disk full".into());
+        r.bound();
+        assert_eq!(r.files.len(), MAX_FILE_RESULTS);
+        assert_eq!(
+            (r.added, r.failed, r.unlisted),
+            (MAX_FILE_RESULTS as u64 + 5, 1, 6)
+        );
+        assert_eq!(r.files[0].outcome, FileOutcome::Failed);
+        // An old agent's report (no `files`) still reads.
+        let old: JobReport = serde_json::from_str(r#"{"job_id":"j","state":"succeeded"}"#).unwrap();
+        assert!(old.files.is_none());
     }
 
     #[test]

@@ -298,3 +298,202 @@ fn devices_with_different_hardware_get_their_own_driver_sets_as_previewed() -> R
 fn morgana_agent_inventory_root() -> &'static str {
     "MORGANA_AGENT_INVENTORY_ROOT"
 }
+
+/// The names in `dir`, sorted.
+fn names(dir: &Path) -> Result<Vec<String>> {
+    let mut got: Vec<String> = fs::read_dir(dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    got.sort();
+    Ok(got)
+}
+
+#[test]
+fn base_layer_updates_and_restores_to_new_hardware_bring_each_device_its_own_drivers() -> Result<()>
+{
+    crate::init();
+    let tmp = tempfile::tempdir()?;
+    let t = tmp.path();
+    let appliance = Appliance::start_with(&t.join("appliance"), &["--heartbeat-every", "1s"])?;
+    let lib = t.join("library");
+    write(&lib, "intel/e1000e.ko", &noise(300_000, 1))?;
+    write(&lib, "intel/README", b"intel nic\n")?;
+    write(&lib, "nvidia/nvidia.ko", &noise(200_000, 3))?;
+    write(
+        &lib,
+        "nvidia/conf/nvidia.conf",
+        b"options nvidia modeset=1\n",
+    )?;
+    for set in ["intel", "nvidia"] {
+        ok(
+            &appliance,
+            &["driver", "import", set, lib.join(set).to_str().unwrap()],
+        )?;
+    }
+    // Default path: /opt/morgana/drivers as seen from each device's protected root.
+    for (name, rules) in [
+        (
+            "nic",
+            "all = { pci = [\"8086:15f3\"] }\nsets = [\"intel\"]\n",
+        ),
+        ("gpu", "all = { pci = [\"10de:*\"] }\nsets = [\"nvidia\"]\n"),
+    ] {
+        let file = t.join(format!("{name}.toml"));
+        fs::write(&file, rules)?;
+        ok(
+            &appliance,
+            &[
+                "driver",
+                "profile",
+                "set",
+                name,
+                "--rules",
+                file.to_str().unwrap(),
+            ],
+        )?;
+    }
+
+    // The reference machine has drivers of its own in the driver folder: never captured.
+    let refroot = t.join("ref");
+    write(&refroot, "etc/app.conf", b"level = 1\n")?;
+    write(&refroot, "usr/bin/tool", &noise(150_000, 4))?;
+    write(
+        &refroot,
+        "opt/morgana/drivers/refgpu/ref.ko",
+        b"the reference's own driver",
+    )?;
+    let reference = Agent::enroll(&appliance, &refroot, &t.join("ref-state"))?;
+    reference.sync()?;
+    let ref_id = device_id(&reference)?;
+    ok(&appliance, &["reference", "mark", &ref_id])?;
+    ok(
+        &appliance,
+        &["layer", "capture-base", "base", "--device", &ref_id],
+    )?;
+    let files = ok(&appliance, &["layer", "show", "base", "--files"])?;
+    ensure!(files.contains("/usr/bin/tool"), "{files}");
+    ensure!(
+        !files.contains("/opt/morgana/drivers"),
+        "the layer captured the reference's drivers: {files}"
+    );
+
+    // Two targets with different hardware.
+    let env = morgana_agent_inventory_root();
+    let mut targets = Vec::new();
+    for (n, pci) in [("a", ("8086", "15f3")), ("b", ("10de", "1f95"))] {
+        let hw = t.join(format!("hw-{n}"));
+        fake_hardware(&hw, "Vendor", "Model", ("debian", "12"), &[pci])?;
+        let root = t.join(format!("root-{n}"));
+        write(&root, "home/user/doc.txt", n.as_bytes())?;
+        let agent = Agent::enroll(&appliance, &root, &t.join(format!("state-{n}")))?;
+        agent.sync()?;
+        let id = device_id(&agent)?;
+        let daemon = Daemon::start_env(
+            &agent,
+            "1h",
+            &t.join(format!("{n}.log")),
+            &[(env, hw.to_str().unwrap())],
+        )?;
+        targets.push((root, agent, id, daemon));
+    }
+    let mut all = Vec::new();
+    ensure!(
+        wait_for(Duration::from_secs(120), || {
+            all = preview(&appliance).unwrap_or_default();
+            // The reference runs no service, so only the two targets report.
+            all.iter().filter(|d| d["has_inventory"] == true).count() == 2
+        }),
+        "inventories not reported: {all:?}"
+    );
+
+    // A base-layer update delivers each device's matching sets in the same apply.
+    let out = ok(
+        &appliance,
+        &[
+            "layer",
+            "assign",
+            "--device",
+            &targets[0].2,
+            "--device",
+            &targets[1].2,
+            "--base",
+            "base",
+            "--json",
+        ],
+    )?;
+    let assigned: Value = serde_json::from_str(&out)?;
+    for ((_, _, id, daemon), d) in targets.iter().zip(assigned["devices"].as_array().unwrap()) {
+        ensure!(d["device"] == id.as_str(), "{d}");
+        wait_ok(&appliance, daemon, d["job"].as_str().unwrap())?;
+    }
+    for (root, _, id, _) in &targets {
+        let want = sets(of(&all, id)?);
+        ensure!(want.len() == 1, "{id}: preview {all:?}");
+        let drivers = root.join("opt/morgana/drivers");
+        ensure!(
+            names(&drivers)? == want,
+            "{id} got {:?}, the preview said {want:?}",
+            names(&drivers)?
+        );
+        assert_same_tree(&lib.join(&want[0]), &drivers.join(&want[0]))?;
+        ensure!(fs::read(root.join("usr/bin/tool"))? == noise(150_000, 4));
+        // The apply's per-file report names the delivery.
+        let st: Value = serde_json::from_str(&ok(
+            &appliance,
+            &["layer", "status", "--device", id, "--files", "--json"],
+        )?)?;
+        let listed = st["files"]["results"]["files"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        ensure!(
+            listed
+                .iter()
+                .any(|f| f["path"] == format!("/opt/morgana/drivers/{}", want[0])
+                    && f["outcome"] == "added"
+                    && f["detail"] == format!("driver set {} v1", want[0])),
+            "{st}"
+        );
+    }
+
+    // Restore to new hardware: b reverted to a's snapshot keeps its own driver folder
+    // (a's drivers would not fit it) and gets its own sets delivered.
+    let snap = targets[0].1.sync()?["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (root_b, _, id_b, daemon_b) = &targets[1];
+    let job = ok(
+        &appliance,
+        &[
+            "job",
+            "restore",
+            id_b,
+            "--snapshot",
+            &snap,
+            "--scope",
+            "system-only",
+        ],
+    )?;
+    let shown = ok(&appliance, &["job", "show", job.trim(), "--json"])?;
+    ensure!(
+        shown.contains("\"drivers\""),
+        "no drivers in the restore job: {shown}"
+    );
+    wait_ok(&appliance, daemon_b, job.trim())?;
+    ensure!(fs::read(root_b.join("usr/bin/tool"))? == noise(150_000, 4));
+    ensure!(
+        names(&root_b.join("opt/morgana/drivers"))? == ["nvidia"],
+        "{:?}",
+        names(&root_b.join("opt/morgana/drivers"))?
+    );
+    assert_same_tree(
+        &lib.join("nvidia"),
+        &root_b.join("opt/morgana/drivers/nvidia"),
+    )?;
+    for (_, _, _, daemon) in targets {
+        daemon.stop()?;
+    }
+    Ok(())
+}

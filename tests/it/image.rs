@@ -374,3 +374,262 @@ fn layers_deploy_to_targets_keep_their_own_and_roll_back() -> Result<()> {
     }
     Ok(())
 }
+
+/// Provisioning: an empty device, once enrolled, is given a base layer (captured from a
+/// fresh snapshot the appliance asks the reference machine for), an app layer and its
+/// drivers, and ends as exactly base ⊕ app ⊕ drivers plus an identity of its own.
+#[test]
+fn an_empty_device_is_provisioned_from_layers_with_its_own_identity() -> Result<()> {
+    crate::init();
+    let tmp = tempfile::tempdir()?;
+    let t = tmp.path();
+    let appliance = Appliance::start_with(
+        &t.join("appliance"),
+        &["--gc-every", "off", "--heartbeat-every", "1s"],
+    )?;
+    let refroot = t.join("ref");
+    write(&refroot, "etc/hostname", b"ref\n")?;
+    write(
+        &refroot,
+        "etc/machine-id",
+        b"0123456789abcdef0123456789abcdef\n",
+    )?;
+    write(&refroot, "etc/app.conf", b"level = 1\n")?;
+    write(&refroot, "usr/bin/tool", &noise(200_000, 1))?;
+    write(&refroot, "var/lib/dpkg/status", &dpkg("7.88.1-10"))?;
+    write(&refroot, "home/admin/notes.txt", b"reference notes")?;
+    let reference = Agent::enroll(&appliance, &refroot, &t.join("ref-state"))?;
+    let before = reference.sync()?["snapshot"].as_str().unwrap().to_owned();
+    let ref_id = device_id(&reference)?;
+    morgana_ok(&appliance, &["reference", "mark", &ref_id])?;
+
+    // --fresh with the agent not running: a clear error, and nothing captured.
+    write(&refroot, "usr/bin/fresh", b"only in the fresh snapshot")?;
+    let out = morgana_at(
+        &appliance,
+        &[
+            "layer",
+            "capture-base",
+            "base",
+            "--device",
+            &ref_id,
+            "--fresh",
+            "--fresh-timeout",
+            "2s",
+        ],
+    );
+    ensure!(!out.status.success(), "captured without a snapshot");
+    ensure!(
+        stderr(&out).contains("did not take the fresh snapshot within 2s")
+            && stderr(&out).contains("morgana-agent run"),
+        "{}",
+        stderr(&out)
+    );
+    ensure!(morgana_ok(&appliance, &["layer", "list", "--json"])?.trim() == "[]");
+
+    // With the service running, --fresh captures what the machine holds now.
+    let ref_daemon = Daemon::start(&reference, "1h", &t.join("ref.log"))?;
+    let out = morgana_at(
+        &appliance,
+        &[
+            "layer",
+            "capture-base",
+            "base",
+            "--device",
+            &ref_id,
+            "--fresh",
+            "--fresh-timeout",
+            "2m",
+        ],
+    );
+    ensure!(
+        out.status.success(),
+        "{}\n{}",
+        stderr(&out),
+        ref_daemon.log()
+    );
+    let base: Value = serde_json::from_str(&morgana_ok(
+        &appliance,
+        &["layer", "show", "base", "--json"],
+    )?)?;
+    ensure!(base["snapshot"] != before.as_str(), "{base}");
+    let files = morgana_ok(&appliance, &["layer", "show", "base", "--files"])?;
+    ensure!(files.contains("/usr/bin/fresh"), "{files}");
+
+    // App layer: after = a fresh snapshot too.
+    write(&refroot, "usr/bin/app", b"app v1")?;
+    write(&refroot, "usr/share/app/data", &noise(80_000, 2))?;
+    let snap = base["snapshot"].as_str().unwrap().to_owned();
+    morgana_ok(
+        &appliance,
+        &[
+            "layer",
+            "capture-app",
+            "app",
+            "--device",
+            &ref_id,
+            "--before",
+            &snap,
+            "--fresh",
+        ],
+    )?;
+    ref_daemon.stop()?;
+    let image = under(&contents(&refroot)?, &["usr", "var", "etc/app.conf"]);
+
+    // Drivers for the new device's hardware.
+    let lib = t.join("lib");
+    write(&lib, "nic/e1000e.ko", &noise(90_000, 3))?;
+    morgana_ok(
+        &appliance,
+        &["driver", "import", "nic", lib.join("nic").to_str().unwrap()],
+    )?;
+    let rules = t.join("nic.toml");
+    fs::write(
+        &rules,
+        "all = { pci = [\"8086:15f3\"] }\nsets = [\"nic\"]\n",
+    )?;
+    morgana_ok(
+        &appliance,
+        &[
+            "driver",
+            "profile",
+            "set",
+            "nic",
+            "--rules",
+            rules.to_str().unwrap(),
+        ],
+    )?;
+    let hw = t.join("hw");
+    write(&hw, "sys/bus/pci/devices/0000:00:00.0/vendor", b"0x8086\n")?;
+    write(&hw, "sys/bus/pci/devices/0000:00:00.0/device", b"0x15f3\n")?;
+
+    // The empty device.
+    let root = t.join("new");
+    fs::create_dir_all(&root)?;
+    let agent = Agent::enroll(&appliance, &root, &t.join("new-state"))?;
+    let id = device_id(&agent)?;
+    let daemon = Daemon::start_env(
+        &agent,
+        "1h",
+        &t.join("new.log"),
+        &[("MORGANA_AGENT_INVENTORY_ROOT", hw.to_str().unwrap())],
+    )?;
+    ensure!(
+        wait_for(Duration::from_secs(60), || {
+            morgana_ok(
+                &appliance,
+                &["driver", "preview", "--device", &id, "--json"],
+            )
+            .is_ok_and(|o| o.contains("\"set\":\"nic\""))
+        }),
+        "the device's inventory did not arrive:\n{}",
+        daemon.log()
+    );
+    let out: Value = serde_json::from_str(&morgana_ok(
+        &appliance,
+        &[
+            "layer", "assign", "--device", &id, "--base", "base", "--app", "app", "--json",
+        ],
+    )?)?;
+    wait_ok(
+        &appliance,
+        &daemon,
+        out["devices"][0]["job"].as_str().unwrap(),
+    )?;
+
+    // base ⊕ app ⊕ drivers, byte for byte, plus its own identity and nothing else.
+    let got = contents(&root)?;
+    let mut want = image.clone();
+    want.insert("opt/morgana/drivers/nic/e1000e.ko".into(), noise(90_000, 3));
+    let machine_id = got
+        .get("etc/machine-id")
+        .context("no /etc/machine-id")?
+        .clone();
+    let hostname = got.get("etc/hostname").context("no /etc/hostname")?.clone();
+    want.insert("etc/machine-id".into(), machine_id.clone());
+    want.insert("etc/hostname".into(), hostname.clone());
+    ensure!(
+        got.keys().collect::<Vec<_>>() == want.keys().collect::<Vec<_>>(),
+        "{:?}",
+        got.keys().collect::<Vec<_>>()
+    );
+    ensure!(got == want, "the provisioned device differs from the image");
+    let mid = String::from_utf8(machine_id)?;
+    ensure!(
+        mid.len() == 33
+            && mid.ends_with('\n')
+            && mid[..32]
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+            && &mid[12..13] == "4",
+        "not a systemd machine id: {mid:?}"
+    );
+    ensure!(mid != "0123456789abcdef0123456789abcdef\n");
+    let enrolled = fs::read_to_string("/proc/sys/kernel/hostname")?;
+    ensure!(
+        String::from_utf8(hostname)? == format!("{}\n", enrolled.trim()),
+        "the hostname is not the enrolled one"
+    );
+    ensure!(!root.join("home/admin").exists(), "user data came along");
+
+    // The per-file report: everything added, the identity named.
+    let st: Value = serde_json::from_str(&morgana_ok(
+        &appliance,
+        &["layer", "status", "--device", &id, "--files", "--json"],
+    )?)?;
+    let r = &st["files"]["results"];
+    ensure!(st["files"]["state"] == "succeeded", "{st}");
+    ensure!(
+        r["replaced"] == 0 && r["failed"] == 0 && r["removed"] == 0,
+        "{r}"
+    );
+    ensure!(
+        r["added"].as_u64().unwrap() >= image.len() as u64 + 3,
+        "{r}"
+    );
+    ensure!(r["written_bytes"].as_u64().unwrap() >= 200_000, "{r}");
+    ensure!(
+        r["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["path"] == "/etc/machine-id" && f["outcome"] == "added"),
+        "{r}"
+    );
+    let text = morgana_ok(&appliance, &["layer", "status", "--device", &id, "--files"])?;
+    ensure!(text.contains("added     /usr/bin/tool"), "{text}");
+
+    // A second apply of the same layers writes no layer file: every one is unchanged, the
+    // identity stays the device's; the driver set is delivered again, whole.
+    agent.sync()?;
+    let out: Value = serde_json::from_str(&morgana_ok(
+        &appliance,
+        &[
+            "layer", "assign", "--device", &id, "--base", "base", "--app", "app", "--json",
+        ],
+    )?)?;
+    wait_ok(
+        &appliance,
+        &daemon,
+        out["devices"][0]["job"].as_str().unwrap(),
+    )?;
+    let st: Value = serde_json::from_str(&morgana_ok(
+        &appliance,
+        &["layer", "status", "--device", &id, "--files", "--json"],
+    )?)?;
+    let r = &st["files"]["results"];
+    ensure!(
+        r["added"] == 0 && r["replaced"] == 1 && r["written_bytes"] == 90_000,
+        "{r}"
+    );
+    ensure!(
+        r["unchanged"].as_u64().unwrap() >= image.len() as u64,
+        "{r}"
+    );
+    ensure!(
+        contents(&root)? == got,
+        "a repeated apply changed the device"
+    );
+    daemon.stop()?;
+    Ok(())
+}

@@ -10,7 +10,8 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use morgana_core::control::{
-    Heartbeat, HeartbeatReply, Job, JobKind, JobReport, JobState, MAX_JOB_WAIT_SECS, NextJob,
+    Heartbeat, HeartbeatReply, Job, JobKind, JobReport, JobState, MAX_FILE_RESULTS,
+    MAX_JOB_WAIT_SECS, NextJob,
 };
 use tokio::sync::Notify;
 use tracing::{info, warn};
@@ -252,6 +253,19 @@ pub(super) async fn report_job(
             format!("the report message is longer than {MAX_REPORT_MESSAGE} bytes; shorten it"),
         ));
     }
+    if report
+        .files
+        .as_ref()
+        .is_some_and(|f| f.files.len() > MAX_FILE_RESULTS)
+    {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the report lists more than {MAX_FILE_RESULTS} files; list at most that many and \
+                 count the rest"
+            ),
+        ));
+    }
     let catalog = state.0.catalog.as_ref();
     let Some(job) = catalog
         .report_job(&device.id, &report, crate::clock::now_ms())
@@ -267,6 +281,16 @@ pub(super) async fn report_job(
         ));
     };
     if job.finished_ms.is_some() {
+        if let (Some(files), JobKind::ApplyLayers(_)) = (&report.files, &job.kind) {
+            let now = crate::clock::rfc3339_ms(crate::clock::now_ms());
+            if let Err(e) = catalog
+                .save_apply_results(&job.id, &device.id, files, &now)
+                .await
+            {
+                // The outcome is stored; only the per-file detail is lost.
+                warn!(job = %job.id, "recording the apply's per-file results failed: {e}");
+            }
+        }
         if job.state == JobState::Succeeded {
             record_layers(catalog, &job).await;
         }

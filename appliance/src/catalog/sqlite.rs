@@ -1155,6 +1155,24 @@ impl Catalog for SqliteCatalog {
         self.applied_record(device_id, job_id, applied, now).await
     }
 
+    async fn save_apply_results(
+        &self,
+        job_id: &str,
+        device_id: &str,
+        results: &morgana_core::control::FileResults,
+        now: &str,
+    ) -> Result<()> {
+        self.apply_results_save(job_id, device_id, results, now)
+            .await
+    }
+
+    async fn apply_results(
+        &self,
+        job_id: &str,
+    ) -> Result<Option<morgana_core::control::FileResults>> {
+        self.apply_results_one(job_id).await
+    }
+
     async fn applied_layers(&self, device_id: &str) -> Result<Option<super::AppliedRecord>> {
         self.applied_one(device_id).await
     }

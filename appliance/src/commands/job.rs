@@ -4,7 +4,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use morgana_core::control::{JobKind, JobState};
@@ -12,6 +13,7 @@ use morgana_core::control::{JobKind, JobState};
 use crate::catalog::{Catalog, JobRecord, SqliteCatalog};
 use crate::commands::enroll_token::parse_duration;
 use crate::config::{DEFAULT_DATA_DIR, DataDir};
+use crate::hooks::Hooks;
 use crate::jobs::state_name;
 
 #[derive(Debug, clap::Args)]
@@ -90,13 +92,18 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     };
     let data = DataDir::new(&dir.data_dir);
     data.require_initialised()?;
-    let catalog = SqliteCatalog::open(&data.catalog(), false).await?;
-    let result = run_with(&catalog, cmd).await;
+    let catalog = Arc::new(SqliteCatalog::open(&data.catalog(), false).await?);
+    let hooks = Hooks::new(catalog.clone(), data);
+    let result = run_with(&catalog, &hooks, cmd).await;
     catalog.close().await;
     result
 }
 
-async fn run_with(catalog: &SqliteCatalog, cmd: Command) -> anyhow::Result<ExitCode> {
+async fn run_with(
+    catalog: &SqliteCatalog,
+    hooks: &Hooks,
+    cmd: Command,
+) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Sync { device, .. } => {
             require_device(catalog, &device).await?;
@@ -114,6 +121,7 @@ async fn run_with(catalog: &SqliteCatalog, cmd: Command) -> anyhow::Result<ExitC
             require_device(catalog, &device).await?;
             let scope = crate::jobs::restore_scope(scope.as_deref(), paths, to.as_deref())?;
             let kind = crate::jobs::restore_kind(catalog, &snapshot, scope, to).await?;
+            let kind = crate::drivers::for_new_hardware(catalog, hooks, &device, kind).await?;
             let job = queue(catalog, &device, kind).await?;
             println!("{}", job.id);
         }
@@ -155,28 +163,24 @@ async fn run_with(catalog: &SqliteCatalog, cmd: Command) -> anyhow::Result<ExitC
             }
         }
         Command::Wait { id, timeout, .. } => {
-            let started = Instant::now();
-            loop {
+            find(catalog, &id).await?;
+            let Some(job) = crate::jobs::wait_finished(catalog, &id, timeout, WAIT_POLL).await?
+            else {
                 let job = find(catalog, &id).await?;
-                match job.state {
-                    JobState::Succeeded => {
-                        println!("job {id} succeeded{}", suffix(&job.message));
-                        return Ok(ExitCode::SUCCESS);
-                    }
-                    JobState::Failed => {
-                        println!("job {id} failed: {}", job.message);
-                        return Ok(ExitCode::from(1));
-                    }
-                    _ if started.elapsed() >= timeout => bail!(
-                        "job {id} is still {} after {}s; wait longer with --timeout, or look at \
-                         the device (`morgana device show {}`)",
-                        state_name(job.state),
-                        timeout.as_secs(),
-                        job.device_id
-                    ),
-                    _ => tokio::time::sleep(WAIT_POLL).await,
-                }
+                bail!(
+                    "job {id} is still {} after {}s; wait longer with --timeout, or look at \
+                     the device (`morgana device show {}`)",
+                    state_name(job.state),
+                    timeout.as_secs(),
+                    job.device_id
+                );
+            };
+            if job.state == JobState::Succeeded {
+                println!("job {id} succeeded{}", suffix(&job.message));
+                return Ok(ExitCode::SUCCESS);
             }
+            println!("job {id} failed: {}", job.message);
+            return Ok(ExitCode::from(1));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -22,6 +22,19 @@ pub struct DirArgs {
     pub data_dir: PathBuf,
 }
 
+/// Taking the snapshot to capture now, rather than using one the machine already has.
+#[derive(Debug, clap::Args)]
+pub struct FreshArgs {
+    /// Take a fresh snapshot of the reference machine first (a sync job its agent runs;
+    /// `morgana-agent run` must be running there) and capture from it.
+    #[arg(long)]
+    pub fresh: bool,
+    /// How long --fresh waits for the agent to take the snapshot.
+    #[arg(long, value_name = "DURATION", default_value = "10m", requires = "fresh",
+          value_parser = crate::commands::enroll_token::parse_duration)]
+    pub fresh_timeout: std::time::Duration,
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub enum ReferenceCommand {
     /// Mark an enrolled device as a reference machine: layers are captured from it.
@@ -53,8 +66,10 @@ pub enum LayerCommand {
         #[arg(long)]
         device: String,
         /// Its snapshot to capture (default: its newest).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "fresh")]
         snapshot: Option<String>,
+        #[command(flatten)]
+        fresh: FreshArgs,
         #[arg(long, default_value = "")]
         notes: String,
         #[command(flatten)]
@@ -69,8 +84,10 @@ pub enum LayerCommand {
         #[arg(long)]
         before: String,
         /// The snapshot after installing them (default: the device's newest).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "fresh")]
         after: Option<String>,
+        #[command(flatten)]
+        fresh: FreshArgs,
         #[arg(long, default_value = "")]
         notes: String,
         #[command(flatten)]
@@ -113,6 +130,10 @@ pub enum LayerCommand {
     Status {
         #[arg(long)]
         device: String,
+        /// Also what the newest apply job did, file by file: added, replaced, removed,
+        /// kept (and why) or failed (and the error).
+        #[arg(long)]
+        files: bool,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -194,11 +215,17 @@ pub async fn layer(cmd: LayerCommand) -> anyhow::Result<()> {
             name,
             device,
             snapshot,
+            fresh,
             notes,
             dir,
         } => {
             let (data, catalog) = open(&dir).await?;
             let device = reference_machine(catalog.as_ref(), &device).await?;
+            let snapshot = if fresh.fresh {
+                Some(fresh_snapshot(catalog.as_ref(), &device, &fresh).await?)
+            } else {
+                snapshot
+            };
             let snapshot = device_snapshot(catalog.as_ref(), &device, snapshot.as_deref()).await?;
             let (store, hooks) = parts(&data, &catalog)?;
             let env = Env {
@@ -221,12 +248,18 @@ pub async fn layer(cmd: LayerCommand) -> anyhow::Result<()> {
             device,
             before,
             after,
+            fresh,
             notes,
             dir,
         } => {
             let (data, catalog) = open(&dir).await?;
             let device = reference_machine(catalog.as_ref(), &device).await?;
             let before = device_snapshot(catalog.as_ref(), &device, Some(&before)).await?;
+            let after = if fresh.fresh {
+                Some(fresh_snapshot(catalog.as_ref(), &device, &fresh).await?)
+            } else {
+                after
+            };
             let after = device_snapshot(catalog.as_ref(), &device, after.as_deref()).await?;
             if before.id == after.id {
                 bail!(
@@ -261,7 +294,8 @@ pub async fn layer(cmd: LayerCommand) -> anyhow::Result<()> {
             json,
             dir,
         } => {
-            let (_, catalog) = open(&dir).await?;
+            let (data, catalog) = open(&dir).await?;
+            let hooks = Hooks::new(catalog.clone(), data);
             let req = AssignArgs {
                 devices: &devices,
                 groups: &groups,
@@ -271,13 +305,18 @@ pub async fn layer(cmd: LayerCommand) -> anyhow::Result<()> {
                 dry_run,
                 json,
             };
-            let result = assign(catalog.as_ref(), &req).await;
+            let result = assign(catalog.as_ref(), &hooks, &req).await;
             catalog.close().await;
             result?;
         }
-        LayerCommand::Status { device, json, dir } => {
+        LayerCommand::Status {
+            device,
+            files,
+            json,
+            dir,
+        } => {
             let (_, catalog) = open(&dir).await?;
-            let result = status(catalog.as_ref(), &device, json).await;
+            let result = status(catalog.as_ref(), &device, files, json).await;
             catalog.close().await;
             result?;
         }
@@ -392,6 +431,77 @@ async fn reference_machine(catalog: &dyn Catalog, id: &str) -> anyhow::Result<De
         );
     }
     Ok(device)
+}
+
+/// Queues a sync job on the reference machine, waits for its agent to run it, and names
+/// the snapshot it took. An agent that does not answer is an error saying so; its job
+/// stays queued (it runs when the agent comes back) and nothing is captured.
+async fn fresh_snapshot(
+    catalog: &dyn Catalog,
+    device: &Device,
+    fresh: &FreshArgs,
+) -> anyhow::Result<String> {
+    let had: Vec<String> = catalog
+        .device_snapshots(&device.id)
+        .await?
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    let job = crate::jobs::queue(catalog, &device.id, JobKind::Sync, "cli")
+        .await
+        .context("cannot queue the sync job for a fresh snapshot")?;
+    eprintln!(
+        "waiting for {} to take a fresh snapshot (job {})",
+        device.hostname, job.id
+    );
+    let done = crate::jobs::wait_finished(
+        catalog,
+        &job.id,
+        fresh.fresh_timeout,
+        std::time::Duration::from_millis(200),
+    )
+    .await?;
+    let Some(done) = done else {
+        let status = catalog.device_status(&device.id).await?;
+        let seen = status
+            .and_then(|s| s.last_seen_ms)
+            .map_or("never".to_owned(), crate::clock::rfc3339_ms);
+        let state = catalog
+            .job(&job.id)
+            .await?
+            .map_or("queued", |j| crate::jobs::state_name(j.state));
+        bail!(
+            "the reference machine {} ({}) did not take the fresh snapshot within {}s: sync job \
+             {} is still {state}, and its agent was last seen {seen}; check that `morgana-agent \
+             run` is running there, or wait longer with --fresh-timeout; nothing was captured",
+            device.hostname,
+            device.id,
+            fresh.fresh_timeout.as_secs(),
+            job.id
+        );
+    };
+    if done.state != morgana_core::control::JobState::Succeeded {
+        bail!(
+            "the fresh snapshot of {} failed (job {}): {}; nothing was captured",
+            device.hostname,
+            job.id,
+            done.message
+        );
+    }
+    // The sync job's snapshot: the device's newest, and one it did not have before.
+    let newest = catalog.device_snapshots(&device.id).await?.pop();
+    match newest {
+        Some(s) if !had.contains(&s.id) => {
+            eprintln!("fresh snapshot {} taken", s.id);
+            Ok(s.id)
+        }
+        _ => bail!(
+            "sync job {} succeeded but no snapshot of {} newer than the job is recorded; run \
+             `morgana check` and capture with --snapshot",
+            job.id,
+            device.id
+        ),
+    }
 }
 
 async fn device_snapshot(
@@ -517,7 +627,7 @@ struct AssignArgs<'a> {
     json: bool,
 }
 
-async fn assign(catalog: &dyn Catalog, req: &AssignArgs<'_>) -> anyhow::Result<()> {
+async fn assign(catalog: &dyn Catalog, hooks: &Hooks, req: &AssignArgs<'_>) -> anyhow::Result<()> {
     use crate::assign::{self, parse_pin};
     let mut ids: Vec<String> = Vec::new();
     for d in req.devices {
@@ -581,8 +691,7 @@ async fn assign(catalog: &dyn Catalog, req: &AssignArgs<'_>) -> anyhow::Result<(
                 .by("cli"),
             )
             .await;
-            let job =
-                crate::jobs::queue(catalog, id, JobKind::ApplyLayers(plan.job), "cli").await?;
+            let job = assign::queue_apply(catalog, hooks, id, plan.job, "cli").await?;
             jobs.push(job.id);
         }
     }
@@ -676,6 +785,7 @@ async fn rollback(catalog: &dyn Catalog, device: &str) -> anyhow::Result<()> {
             root: snapshot.root,
             scope: RestoreScope::SystemOnly,
             target: None,
+            drivers: Vec::new(),
         }),
         "cli",
     )
@@ -684,7 +794,12 @@ async fn rollback(catalog: &dyn Catalog, device: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn status(catalog: &dyn Catalog, device: &str, json: bool) -> anyhow::Result<()> {
+async fn status(
+    catalog: &dyn Catalog,
+    device: &str,
+    files: bool,
+    json: bool,
+) -> anyhow::Result<()> {
     let id = resolve_device(catalog, device).await?;
     let assigned = catalog.layer_assignment(&id).await?;
     let applied = catalog.applied_layers(&id).await?;
@@ -693,7 +808,7 @@ async fn status(catalog: &dyn Catalog, device: &str, json: bool) -> anyhow::Resu
         v.extend(a.apps.iter().map(|l| format!("{}:{}", l.name, l.version)));
         v
     };
-    let value = serde_json::json!({
+    let mut value = serde_json::json!({
         "device": id,
         "assigned": assigned,
         "applied": applied.as_ref().map(|a| serde_json::json!({
@@ -703,10 +818,96 @@ async fn status(catalog: &dyn Catalog, device: &str, json: bool) -> anyhow::Resu
             "previous": a.previous.as_ref().map(layers),
         })),
     });
+    let newest = if files {
+        newest_apply(catalog, &id).await?
+    } else {
+        None
+    };
+    if files {
+        value["files"] = match &newest {
+            Some((job, results)) => serde_json::json!({
+                "job": job.id,
+                "state": crate::jobs::state_name(job.state),
+                "results": results,
+            }),
+            None => serde_json::Value::Null,
+        };
+    }
     if json {
         println!("{value}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    if files {
+        value.as_object_mut().map(|o| o.remove("files"));
+    }
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    if !files {
+        return Ok(());
+    }
+    let Some((job, results)) = newest else {
+        println!("no apply job has run on {id} yet");
+        return Ok(());
+    };
+    let state = crate::jobs::state_name(job.state);
+    let Some(r) = results else {
+        println!(
+            "apply job {} is {state}; its agent has reported no per-file results{}",
+            job.id,
+            if crate::jobs::is_finished(job.state) {
+                " (an agent older than this appliance)"
+            } else {
+                " yet"
+            }
+        );
+        return Ok(());
+    };
+    println!(
+        "apply job {} ({state}): {} added, {} replaced, {} removed, {} kept, {} unchanged, {} \
+         failed; {} bytes fetched, {} bytes written",
+        job.id,
+        r.added,
+        r.replaced,
+        r.removed,
+        r.kept,
+        r.unchanged,
+        r.failed,
+        r.fetched_bytes,
+        r.written_bytes
+    );
+    for f in &r.files {
+        if f.detail.is_empty() {
+            println!("{:<9} {}", f.outcome.name(), f.path);
+        } else {
+            println!("{:<9} {}  ({})", f.outcome.name(), f.path, f.detail);
+        }
+    }
+    if r.unlisted > 0 {
+        println!(
+            "… and {} more paths, counted above but not listed",
+            r.unlisted
+        );
     }
     Ok(())
+}
+
+/// The device's newest apply job and its per-file results, if any.
+async fn newest_apply(
+    catalog: &dyn Catalog,
+    device_id: &str,
+) -> anyhow::Result<
+    Option<(
+        crate::catalog::JobRecord,
+        Option<morgana_core::control::FileResults>,
+    )>,
+> {
+    let Some(job) = catalog
+        .jobs(Some(device_id), 1000)
+        .await?
+        .into_iter()
+        .find(|j| matches!(j.kind, JobKind::ApplyLayers(_)))
+    else {
+        return Ok(None);
+    };
+    let results = catalog.apply_results(&job.id).await?;
+    Ok(Some((job, results)))
 }

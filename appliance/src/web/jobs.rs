@@ -111,12 +111,16 @@ pub async fn restore_kind(
 
 pub async fn start_restore(
     catalog: &dyn Catalog,
+    hooks: &crate::hooks::Hooks,
     caller: &User,
     device_id: &str,
     req: &RestoreRequest,
 ) -> OpResult<JobRecord> {
     let d = job_device(catalog, caller, device_id).await?;
     let kind = restore_kind(catalog, caller, req).await?;
+    let kind = crate::drivers::for_new_hardware(catalog, hooks, &d.id, kind)
+        .await
+        .map_err(|e| OpError::Internal(format!("working out the device's driver sets ({e})")))?;
     Ok(queue::queue(catalog, &d.id, kind, &actor(caller)).await?)
 }
 
@@ -318,7 +322,7 @@ async fn view_restore_post(
         to: (scope == "paths").then(|| f.to.clone()),
     };
     if f.confirmed == "yes" {
-        return match start_restore(catalog, &a.user, &id, &req).await {
+        return match start_restore(catalog, &state.hooks(), &a.user, &id, &req).await {
             Ok(j) => see_other(&format!("/jobs/{}", j.id)),
             Err(e) => e.into_page(),
         };

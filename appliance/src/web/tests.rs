@@ -1929,6 +1929,7 @@ async fn restores_from_the_ui_are_confirmed_then_queued_and_followed() {
             bytes_total: 10,
         },
         message: String::new(),
+        files: None,
     };
     use morgana_core::control::JobState;
     h.catalog

@@ -1,8 +1,8 @@
-//! Device groups, layer assignments and applied layers in SQLite (migration
-//! `20261126000008_assignments.sql`). Structured values are stored as JSON: they are read
+//! Device groups, layer assignments, applied layers and apply results in SQLite
+//! (migrations `20261126000008_assignments.sql`, `20261126000010_apply_results.sql`). Structured values are stored as JSON: they are read
 //! and written whole, never queried inside.
 
-use morgana_core::control::ApplyJob;
+use morgana_core::control::{ApplyJob, FileResults};
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
@@ -26,6 +26,40 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
 }
 
 impl SqliteCatalog {
+    pub(super) async fn apply_results_save(
+        &self,
+        job_id: &str,
+        device_id: &str,
+        results: &FileResults,
+        now: &str,
+    ) -> Result<()> {
+        const DOING: &str = "recording an apply's per-file results";
+        let mut tx = self.write_tx(DOING).await?;
+        sqlx::query(
+            "INSERT INTO apply_results (job_id, device_id, results, reported) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (job_id) DO UPDATE SET results = excluded.results, \
+             reported = excluded.reported",
+        )
+        .bind(job_id)
+        .bind(device_id)
+        .bind(to_json(results))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(q(DOING))?;
+        tx.commit().await.map_err(q(DOING))
+    }
+
+    pub(super) async fn apply_results_one(&self, job_id: &str) -> Result<Option<FileResults>> {
+        let row = sqlx::query("SELECT results FROM apply_results WHERE job_id = ?")
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("looking up an apply's results"))?;
+        row.map(|row| json_col(&row, "results", "apply results"))
+            .transpose()
+    }
+
     pub(super) async fn groups_save(
         &self,
         name: &str,

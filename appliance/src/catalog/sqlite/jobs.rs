@@ -302,6 +302,7 @@ mod tests {
                 bytes_total: 100,
             },
             message: message.into(),
+            files: None,
         }
     }
 
@@ -317,6 +318,7 @@ mod tests {
                 paths: vec!["/etc".into()],
             },
             target: Some("/tmp/x".into()),
+            drivers: Vec::new(),
         });
         let second = JobRecord::queued("a", restore.clone(), "cli", 200);
         cat.queue_job(&second).await.unwrap();
