@@ -149,7 +149,7 @@ pub async fn run(
     let mut done = match written {
         Ok(w) => w,
         Err(f) => {
-            let mut results = f.results;
+            let mut results = *f.results;
             results.push(f.path, FileOutcome::Failed, format!("{:#}", f.error));
             results.bound();
             *live.results.lock().unwrap() = Some(results);
@@ -315,7 +315,7 @@ pub(crate) fn deliver_drivers(
         let fail = |error: anyhow::Error| Failure {
             path: d.target.clone(),
             error,
-            results: FileResults::default(),
+            results: Box::default(),
         };
         let rel = d.target.trim_start_matches('/');
         let parts = restore::parse_subpath(Path::new(rel)).map_err(|e| {
@@ -382,7 +382,8 @@ pub(crate) fn deliver_drivers(
 pub(crate) struct Failure {
     pub path: String,
     pub error: anyhow::Error,
-    pub results: FileResults,
+    /// Boxed: failures are rare, and the `Ok` path should not pay for their size.
+    pub results: Box<FileResults>,
 }
 
 /// Paths an apply never writes or removes, and why: the agent's state, the unprotected
@@ -482,7 +483,7 @@ fn write_target(
     let fail = |error: anyhow::Error| Failure {
         path: "/".into(),
         error,
-        results: FileResults::default(),
+        results: Box::default(),
     };
     let mut codec = Codec::new(DEFAULT_ZSTD_LEVEL);
     let base = flatten(source, &mut codec, job.base.root).map_err(fail)?;
@@ -543,7 +544,7 @@ fn write_target(
             return Err(Failure {
                 path,
                 error: anyhow::Error::new(e).context("writing the layers' files failed"),
-                results: kept_only,
+                results: Box::new(kept_only),
             });
         }
     };
