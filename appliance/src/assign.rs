@@ -9,13 +9,15 @@
 use std::collections::{BTreeMap, HashSet};
 
 use morgana_core::Id;
-use morgana_core::control::{ApplyJob, LayerRef};
+use morgana_core::control::{ApplyJob, JobKind, LayerRef, RestoreJob, RestoreScope};
 use morgana_core::image::{self, Flat};
 use morgana_core::plugin::types::LayerKind;
 use morgana_core::tree::{Content, Kind};
+use morgana_core::wire::SnapshotInfo;
 use serde::Serialize;
 
 use crate::catalog::{Assignment, Catalog, CatalogError, JobRecord, LayerPin, LayerRecord};
+use crate::events::{self, NewEvent, Severity};
 use crate::hooks::Hooks;
 use crate::store::{PackStore, PackStoreError, TreeLoadError, load_tree, with_codec};
 
@@ -27,7 +29,10 @@ pub enum AssignError {
     Tree(#[from] TreeLoadError),
     #[error(transparent)]
     Store(#[from] PackStoreError),
-    #[error("there is no layer {0}: list them with `morgana layer list`")]
+    #[error(
+        "there is no layer {0}: the Images page and `morgana layer list` list them; nothing \
+         was changed"
+    )]
     NoLayer(String),
     #[error(
         "layer {name} is {is} layer, not {wanted} one: pass base layers with --base and app \
@@ -44,6 +49,34 @@ pub enum AssignError {
     Task(#[from] tokio::task::JoinError),
     #[error("cannot work out the device's driver sets: {0}")]
     Drivers(#[from] crate::drivers::DriverError),
+    #[error(transparent)]
+    Device(#[from] crate::policy::AssignError),
+    #[error(
+        "there is no device group {0:?}: the Images page and `morgana group list` list them; \
+         nothing was changed"
+    )]
+    NoGroup(String),
+    #[error(
+        "no devices named: pick at least one device or a saved group to assign layers to; \
+         nothing was changed"
+    )]
+    NoDevices,
+    #[error(
+        "group name {0:?} is not usable: 1 to 64 letters, digits, `-`, `_` or `.`; nothing \
+         was changed"
+    )]
+    BadGroupName(String),
+    #[error(
+        "device {0} has no applied layers to roll back: only a device whose apply job \
+         succeeded can go back; its jobs list shows what happened"
+    )]
+    NothingApplied(String),
+    #[error(
+        "device {0} has no pre-layer-update snapshot to return to: restore an older snapshot \
+         with a system-only revert instead (device page, or `morgana job restore {0} \
+         --snapshot S --scope system-only`)"
+    )]
+    NoPreUpdateSnapshot(String),
 }
 
 /// `NAME` or `NAME:VERSION`.
@@ -124,6 +157,216 @@ pub fn check_paths(paths: &[String]) -> Result<(), AssignError> {
         }
     }
     Ok(())
+}
+
+/// The devices named (ids or hostnames) and the members of the named saved groups, each
+/// once, in the order given.
+pub async fn targets(
+    catalog: &dyn Catalog,
+    devices: &[String],
+    groups: &[String],
+) -> Result<Vec<String>, AssignError> {
+    // Collected first: an iterator of closures held across `.await` is not `Send`.
+    let devices: Vec<&str> = devices
+        .iter()
+        .map(|d| d.trim())
+        .filter(|d| !d.is_empty())
+        .collect();
+    let groups: Vec<&str> = groups
+        .iter()
+        .map(|g| g.trim())
+        .filter(|g| !g.is_empty())
+        .collect();
+    let mut ids: Vec<String> = Vec::new();
+    for d in devices {
+        let id = crate::policy::find_device(catalog, d).await?.id;
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    let saved = catalog.groups().await?;
+    for g in groups {
+        let Some((_, members)) = saved.iter().find(|(n, _)| n == g) else {
+            return Err(AssignError::NoGroup(g.to_owned()));
+        };
+        for id in members {
+            if !ids.contains(id) {
+                ids.push(id.clone());
+            }
+        }
+    }
+    if ids.is_empty() {
+        return Err(AssignError::NoDevices);
+    }
+    Ok(ids)
+}
+
+/// The assignment `base` (`NAME` or `NAME:VERSION`), `apps` (in order) and the
+/// do-not-override paths describe, every layer looked up and of the right kind.
+pub async fn assignment(
+    catalog: &dyn Catalog,
+    base: &str,
+    apps: &[String],
+    do_not_override: &[String],
+) -> Result<Assignment, AssignError> {
+    check_paths(do_not_override)?;
+    let (name, version) = parse_pin(base.trim())?;
+    let base = resolve(catalog, &name, version, LayerKind::Base).await?;
+    let apps: Vec<&str> = apps
+        .iter()
+        .map(|a| a.trim())
+        .filter(|a| !a.is_empty())
+        .collect();
+    let mut pins = Vec::new();
+    for a in apps {
+        let (name, version) = parse_pin(a)?;
+        pins.push(pin(&resolve(catalog, &name, version, LayerKind::App).await?));
+    }
+    Ok(Assignment {
+        base: pin(&base),
+        apps: pins,
+        do_not_override: do_not_override.to_vec(),
+    })
+}
+
+/// The plan and dry run of `a` on each device; nothing is recorded.
+pub async fn dry_runs(
+    catalog: &dyn Catalog,
+    ids: &[String],
+    a: &Assignment,
+) -> Result<Vec<(Plan, DryRun)>, AssignError> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let plan = plan(catalog, id, a).await?;
+        let report = dry_run(catalog, id, &plan).await?;
+        out.push((plan, report));
+    }
+    Ok(out)
+}
+
+/// Records `a` for the devices and queues an apply job per device (the plans from
+/// [`dry_runs`]), with an audit event each.
+pub async fn apply(
+    catalog: &dyn Catalog,
+    hooks: &Hooks,
+    ids: &[String],
+    a: &Assignment,
+    plans: Vec<Plan>,
+    actor: &str,
+) -> Result<Vec<JobRecord>, AssignError> {
+    let now = crate::clock::rfc3339_ms(crate::clock::now_ms());
+    catalog.assign_layers(ids, a, &now, actor).await?;
+    let mut jobs = Vec::with_capacity(ids.len());
+    for (id, plan) in ids.iter().zip(plans) {
+        events::record(
+            catalog,
+            NewEvent::system(
+                "layer.assigned",
+                Severity::Info,
+                format!("layers assigned to {id}: {}", describe(a)),
+            )
+            .for_device(id)
+            .by(actor),
+        )
+        .await;
+        jobs.push(queue_apply(catalog, hooks, id, plan.job, actor).await?);
+    }
+    Ok(jobs)
+}
+
+/// `base debian v2 + app office v1, never overriding /etc/motd`.
+pub fn describe(a: &Assignment) -> String {
+    let mut s = format!("base {} v{}", a.base.name, a.base.version);
+    for app in &a.apps {
+        s.push_str(&format!(" + app {} v{}", app.name, app.version));
+    }
+    if !a.do_not_override.is_empty() {
+        s.push_str(&format!(
+            ", never overriding {}",
+            a.do_not_override.join(", ")
+        ));
+    }
+    s
+}
+
+/// Queues the job that returns `device_id` to its newest pre-layer-update snapshot's
+/// system state (user data written since stays).
+pub async fn rollback(
+    catalog: &dyn Catalog,
+    device_id: &str,
+    actor: &str,
+) -> Result<JobRecord, AssignError> {
+    if catalog.applied_layers(device_id).await?.is_none() {
+        return Err(AssignError::NothingApplied(device_id.to_owned()));
+    }
+    let Some(snapshot) = pre_update_snapshot(catalog, device_id).await? else {
+        return Err(AssignError::NoPreUpdateSnapshot(device_id.to_owned()));
+    };
+    Ok(crate::jobs::queue(
+        catalog,
+        device_id,
+        JobKind::RollbackLayers(RestoreJob {
+            snapshot: snapshot.id.clone(),
+            source_device: device_id.to_owned(),
+            root: snapshot.root,
+            scope: RestoreScope::SystemOnly,
+            target: None,
+            drivers: Vec::new(),
+        }),
+        actor,
+    )
+    .await?)
+}
+
+/// The snapshot a rollback returns to: the newest one an apply took first.
+pub async fn pre_update_snapshot(
+    catalog: &dyn Catalog,
+    device_id: &str,
+) -> Result<Option<SnapshotInfo>, AssignError> {
+    Ok(catalog
+        .device_snapshots(device_id)
+        .await?
+        .into_iter()
+        .rev()
+        .find(|s| s.reason == "pre-layer-update"))
+}
+
+/// Creates or replaces saved group `name` (device ids or hostnames, each once), with an
+/// audit event. Returns the device ids.
+pub async fn save_group(
+    catalog: &dyn Catalog,
+    name: &str,
+    devices: &[String],
+    actor: &str,
+) -> Result<Vec<String>, AssignError> {
+    let usable = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !usable {
+        return Err(AssignError::BadGroupName(name.to_owned()));
+    }
+    let ids = targets(catalog, devices, &[]).await?;
+    catalog
+        .save_group(
+            name,
+            &ids,
+            &crate::clock::rfc3339_ms(crate::clock::now_ms()),
+            actor,
+        )
+        .await?;
+    events::record(
+        catalog,
+        NewEvent::system(
+            "group.saved",
+            Severity::Info,
+            format!("device group {name} saved: {}", ids.join(", ")),
+        )
+        .by(actor),
+    )
+    .await;
+    Ok(ids)
 }
 
 /// Every entry below `root`, by absolute path.

@@ -325,6 +325,193 @@ impl Importer {
     }
 }
 
+// ---- Uploaded archives ----
+
+/// Largest driver set archive the appliance takes in one upload. The archive is held in
+/// memory while it is unpacked, and a tar is never smaller than what it unpacks to, so
+/// this also bounds the disk an upload uses.
+pub const MAX_ARCHIVE_BYTES: usize = 256 << 20;
+
+fn hostile(path: &str, why: &str) -> DriverError {
+    DriverError::Invalid(format!(
+        "the archive's entry {path:?} {why}; the archive is refused as a whole and nothing was \
+         imported: pack the driver folder's contents with relative paths (`tar -cf set.tar -C \
+         DIR .`)"
+    ))
+}
+
+/// `path` as plain relative components: no absolute paths, no `..`.
+fn relative_components(path: &str) -> Result<Vec<&str>, DriverError> {
+    if path.starts_with('/') {
+        return Err(hostile(path, "is an absolute path"));
+    }
+    let mut out = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return Err(hostile(path, "climbs out of the tree with `..`")),
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
+/// Unpacks a tar archive of a driver set's tree into `dir` (an empty folder): folders,
+/// files (permission bits without setuid/setgid/sticky) and symlinks that stay inside the
+/// tree. Absolute paths, `..`, links pointing out of the tree, hard links, devices and
+/// writes through a symlink are refused, with the entry named. Returns the files written.
+pub fn unpack_tar(bytes: &[u8], dir: &Path) -> Result<u64, DriverError> {
+    let mut archive = tar::Archive::new(bytes);
+    let unreadable = |e: std::io::Error| {
+        DriverError::Invalid(format!(
+            "the upload is not a readable tar archive ({e}): pack the driver folder with \
+             `tar -cf set.tar -C DIR .` and upload that; nothing was imported"
+        ))
+    };
+    let mut files = 0;
+    for entry in archive.entries().map_err(unreadable)? {
+        let mut entry = entry.map_err(unreadable)?;
+        let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let parts = relative_components(&raw)?;
+        let Some((_, parents)) = parts.split_last() else {
+            continue; // the archive's root folder itself
+        };
+        // Every folder on the way must be a real folder this archive made: a symlink there
+        // would carry the write somewhere else.
+        let mut at = dir.to_path_buf();
+        for p in parents {
+            at.push(p);
+            match std::fs::symlink_metadata(&at) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(hostile(&raw, "would be written through a symlink"));
+                }
+                Ok(m) if !m.is_dir() => {
+                    return Err(hostile(&raw, "lies below something that is not a folder"));
+                }
+                Ok(_) => {}
+                Err(_) => std::fs::create_dir(&at).map_err(|source| DriverError::Read {
+                    path: at.clone(),
+                    source,
+                })?,
+            }
+        }
+        let target = parts.iter().fold(dir.to_path_buf(), |p, c| p.join(c));
+        let write_err = |source| DriverError::Read {
+            path: target.clone(),
+            source,
+        };
+        if std::fs::symlink_metadata(&target).is_ok_and(|m| !m.is_dir()) {
+            return Err(hostile(&raw, "appears twice in the archive"));
+        }
+        let kind = entry.header().entry_type();
+        match kind {
+            tar::EntryType::Directory => {
+                if !target.is_dir() {
+                    std::fs::create_dir(&target).map_err(write_err)?;
+                }
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                use std::os::unix::fs::OpenOptionsExt;
+                let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
+                let mut out = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(mode)
+                    .open(&target)
+                    .map_err(write_err)?;
+                std::io::copy(&mut entry, &mut out).map_err(unreadable)?;
+                files += 1;
+            }
+            tar::EntryType::Symlink => {
+                let link = entry
+                    .link_name_bytes()
+                    .map(|l| String::from_utf8_lossy(&l).into_owned())
+                    .unwrap_or_default();
+                if link.is_empty() || link.starts_with('/') {
+                    return Err(hostile(
+                        &raw,
+                        &format!("is a symlink to {link:?}, outside the tree"),
+                    ));
+                }
+                // Resolved from the link's folder, it must stay below the tree's root.
+                let mut depth = parents.len() as i64;
+                for c in link.split('/') {
+                    match c {
+                        "" | "." => {}
+                        ".." => depth -= 1,
+                        _ => depth += 1,
+                    }
+                    if depth < 0 {
+                        return Err(hostile(
+                            &raw,
+                            &format!("is a symlink to {link:?}, outside the tree"),
+                        ));
+                    }
+                }
+                std::os::unix::fs::symlink(&link, &target).map_err(write_err)?;
+            }
+            tar::EntryType::Link => {
+                return Err(hostile(
+                    &raw,
+                    "is a hard link; pack the file itself instead",
+                ));
+            }
+            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => {}
+            other => {
+                return Err(hostile(
+                    &raw,
+                    &format!(
+                        "is a {other:?} entry; a driver set holds files, folders and symlinks"
+                    ),
+                ));
+            }
+        }
+    }
+    if files == 0 {
+        return Err(DriverError::Invalid(
+            "the upload holds no files (is it a tar archive of the driver folder?): pack it with \
+             `tar -cf set.tar -C DIR .`; nothing was imported"
+                .into(),
+        ));
+    }
+    Ok(files)
+}
+
+/// Imports an uploaded tar of a driver set's tree as the next version of set `name`: it is
+/// unpacked into a temporary folder below `scratch` (removed afterwards, whatever happens)
+/// and stored by [`import`].
+pub async fn import_tar(
+    catalog: &Arc<dyn Catalog>,
+    store: &Arc<PackStore>,
+    scratch: &Path,
+    name: &str,
+    notes: &str,
+    actor: &str,
+    archive: Vec<u8>,
+) -> Result<DriverSetRecord, DriverError> {
+    check_name("driver set", name)?;
+    if archive.len() > MAX_ARCHIVE_BYTES {
+        return Err(DriverError::Invalid(format!(
+            "the archive is {} bytes, more than the {MAX_ARCHIVE_BYTES} an upload may be: import \
+             big driver sets with `morgana driver import NAME DIR` on the appliance",
+            archive.len()
+        )));
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("driver-upload-")
+        .tempdir_in(scratch)
+        .map_err(|source| DriverError::Read {
+            path: scratch.to_owned(),
+            source,
+        })?;
+    let root = tmp.path().to_owned();
+    let unpacked = tokio::task::spawn_blocking(move || unpack_tar(&archive, &root))
+        .await
+        .map_err(|e| DriverError::Invalid(format!("unpacking the archive failed: {e}")))?;
+    unpacked?;
+    import(catalog, store, name, notes, actor, tmp.path()).await
+}
+
 // ---- Profiles ----
 
 /// A profile as its TOML file writes it (and as the catalog keeps it, in JSON):
@@ -650,16 +837,27 @@ pub async fn deliveries_for(
     device_id: &str,
     only: Option<&str>,
 ) -> Result<DeviceDrivers, DriverError> {
-    let Some(status) = catalog.device_status(device_id).await? else {
-        return Err(DriverError::Invalid(format!(
-            "there is no device {device_id:?}: list them with `morgana device list`"
-        )));
-    };
     let profiles: Vec<_> = profiles(catalog)
         .await?
         .into_iter()
         .filter(|(r, _)| only.is_none_or(|o| o == r.name))
         .collect();
+    deliveries_with(catalog, hooks, device_id, &profiles).await
+}
+
+/// [`deliveries_for`] with the profiles given rather than the stored ones: the preview of
+/// a profile before it is saved.
+pub async fn deliveries_with(
+    catalog: &dyn Catalog,
+    hooks: &Hooks,
+    device_id: &str,
+    profiles: &[(DriverProfileRecord, ProfileSpec)],
+) -> Result<DeviceDrivers, DriverError> {
+    let Some(status) = catalog.device_status(device_id).await? else {
+        return Err(DriverError::Invalid(format!(
+            "there is no device {device_id:?}: list them with `morgana device list`"
+        )));
+    };
     let mut out = DeviceDrivers {
         device: status.device.id.clone(),
         hostname: status.device.hostname.clone(),
@@ -768,6 +966,62 @@ pub async fn for_new_hardware(
         r.drivers = job_deliveries(catalog, hooks, device_id).await?;
     }
     Ok(kind)
+}
+
+/// Per device (the one named, or every enrolled one not revoked), which of `profiles`
+/// match and the driver sets that follow.
+pub async fn preview(
+    catalog: &dyn Catalog,
+    hooks: &Hooks,
+    profiles: &[(DriverProfileRecord, ProfileSpec)],
+    device: Option<&str>,
+) -> Result<Vec<DeviceDrivers>, DriverError> {
+    let ids = match device {
+        Some(d) => vec![d.to_owned()],
+        None => catalog
+            .devices()
+            .await?
+            .into_iter()
+            .filter(|d| !d.device.revoked)
+            .map(|d| d.device.id)
+            .collect(),
+    };
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        out.push(deliveries_with(catalog, hooks, &id, profiles).await?);
+    }
+    Ok(out)
+}
+
+/// Checks that delivering to `drivers.device` makes sense, then [`deliver`]s.
+pub async fn deliver_now(
+    catalog: &dyn Catalog,
+    drivers: &DeviceDrivers,
+    path: Option<&str>,
+    actor: &str,
+) -> Result<Vec<(Delivery, JobRecord)>, DriverError> {
+    let id = &drivers.device;
+    if let Some(p) = path
+        && (!p.starts_with('/') || p.contains('\0') || p.split('/').any(|c| c == ".."))
+    {
+        return Err(DriverError::Invalid(format!(
+            "the delivery path {p:?} must be an absolute path without `..`, e.g. \
+             \"{DEFAULT_DRIVER_PATH}\"; nothing was queued"
+        )));
+    }
+    if !drivers.has_inventory {
+        return Err(DriverError::Invalid(format!(
+            "device {id} has not reported its hardware inventory yet, so no profile can match: \
+             start its agent service (`morgana-agent run`) and try again"
+        )));
+    }
+    if drivers.deliveries.is_empty() {
+        return Err(DriverError::Invalid(format!(
+            "no driver profile matches device {id}, so there is nothing to deliver: see the \
+             profiles' previews (or `morgana driver preview --device {id}`)"
+        )));
+    }
+    deliver(catalog, drivers, path, actor).await
 }
 
 /// Queues one restore-to-a-new-place job per driver set `drivers` lists (the agent writes

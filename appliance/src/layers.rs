@@ -55,6 +55,119 @@ pub enum LayerError {
          again"
     )]
     NoChanges { before: String, after: String },
+    #[error(
+        "layer name {0:?} is not usable: 1 to 64 letters, digits, `-`, `_` or `.`, e.g. \
+         debian-12-base"
+    )]
+    BadName(String),
+    #[error(
+        "there is no device {0}: enrol the reference machine with `morgana-agent enroll`; the \
+         devices page lists the enrolled ones"
+    )]
+    NoDevice(String),
+    #[error(
+        "device {id} ({hostname}) is not a reference machine: mark it first (its device page, \
+         the Images page, or `morgana reference mark {id}`); layers are captured from \
+         reference machines only"
+    )]
+    NotReference { id: String, hostname: String },
+    #[error(
+        "there is no snapshot {0}: the device page lists its snapshots (or `morgana-agent \
+         snapshots`)"
+    )]
+    NoSnapshot(String),
+    #[error("snapshot {snapshot} belongs to another device than {device}")]
+    ForeignSnapshot { snapshot: String, device: String },
+    #[error(
+        "device {0} has no snapshot yet: sync it (`morgana-agent sync`, or Sync now on its \
+         page), then capture"
+    )]
+    NoSnapshots(String),
+    #[error(
+        "the snapshots before and after are the same ({0}): sync the reference machine after \
+         installing the applications, then capture again"
+    )]
+    SameSnapshot(String),
+}
+
+/// Checks a layer name (`-`, `_`, `.`, letters and digits, at most 64).
+pub fn check_name(name: &str) -> Result<&str, LayerError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !ok {
+        return Err(LayerError::BadName(name.to_owned()));
+    }
+    Ok(name)
+}
+
+/// The device `id`, which must be a reference machine.
+pub async fn reference_machine(catalog: &dyn Catalog, id: &str) -> Result<Device, LayerError> {
+    let Some(device) = catalog.device_status(id).await?.map(|s| s.device) else {
+        return Err(LayerError::NoDevice(id.to_owned()));
+    };
+    let references = catalog.reference_devices().await?;
+    if !references.iter().any(|d| d.id == device.id) {
+        return Err(LayerError::NotReference {
+            id: device.id,
+            hostname: device.hostname,
+        });
+    }
+    Ok(device)
+}
+
+/// The device's snapshot `id`, or its newest with `None`.
+pub async fn device_snapshot(
+    catalog: &dyn Catalog,
+    device: &Device,
+    id: Option<&str>,
+) -> Result<SnapshotInfo, LayerError> {
+    match id {
+        Some(id) => match catalog.snapshot(id).await? {
+            Some(s) if s.device_id == device.id => Ok(s),
+            Some(_) => Err(LayerError::ForeignSnapshot {
+                snapshot: id.to_owned(),
+                device: device.id.clone(),
+            }),
+            None => Err(LayerError::NoSnapshot(id.to_owned())),
+        },
+        None => catalog
+            .device_snapshots(&device.id)
+            .await?
+            .pop()
+            .ok_or_else(|| LayerError::NoSnapshots(device.id.clone())),
+    }
+}
+
+/// Marks (or unmarks) device `id` as a reference machine, with an audit event.
+pub async fn set_reference(
+    catalog: &dyn Catalog,
+    id: &str,
+    on: bool,
+    actor: &str,
+) -> Result<(), LayerError> {
+    if !catalog.set_reference(id, on).await? {
+        return Err(LayerError::NoDevice(id.to_owned()));
+    }
+    let verb = if on { "marked" } else { "unmarked" };
+    events::record(
+        catalog,
+        NewEvent::system(
+            if on {
+                "device.reference-marked"
+            } else {
+                "device.reference-unmarked"
+            },
+            Severity::Info,
+            format!("device {id} {verb} as a reference machine"),
+        )
+        .for_device(id)
+        .by(actor),
+    )
+    .await;
+    Ok(())
 }
 
 /// What capturing needs from the appliance.
@@ -107,6 +220,9 @@ pub async fn capture_app(
     before: &SnapshotInfo,
     after: &SnapshotInfo,
 ) -> Result<LayerRecord, LayerError> {
+    if before.id == after.id {
+        return Err(LayerError::SameSnapshot(after.id.clone()));
+    }
     let mut capture = Capture::start(env, req, LayerKind::App, &[before.root, after.root]).await?;
     let result = capture
         .diff_tree(

@@ -19,6 +19,7 @@ use crate::web::ops::{self, DeviceParams, EventParams, OpError};
 use crate::web::ui::DiffQuery;
 use crate::web::{Administer, Auth, OwnDevices, SignedIn, ViewFleet, WebState, browse};
 
+mod images;
 mod jobs;
 mod policies;
 
@@ -80,6 +81,7 @@ pub fn table() -> Vec<Route> {
     ];
     routes.extend(jobs::table());
     routes.extend(policies::table());
+    routes.extend(images::table());
     routes.extend(crate::web::plugins::api());
     routes.extend(crate::web::nodes::api());
     routes

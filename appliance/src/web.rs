@@ -11,6 +11,8 @@
 
 pub mod assets;
 pub mod browse;
+pub mod deploy;
+pub mod drivers;
 pub mod images;
 pub mod jobs;
 pub mod nodes;
@@ -51,6 +53,10 @@ pub(crate) struct WebInner {
     pub data: crate::config::DataDir,
     /// The volumes new packs go to, for the nodes and volumes page.
     pub volumes: Vec<std::path::PathBuf>,
+    /// Where layer captures and driver imports write their trees and chunks.
+    pub store: Arc<crate::store::PackStore>,
+    /// The plugin hooks (layer rules, driver matcher) captures and previews run.
+    pub hooks: crate::hooks::Hooks,
 }
 
 impl WebState {
@@ -58,15 +64,17 @@ impl WebState {
         catalog: Arc<dyn Catalog>,
         ca_cert_der: Vec<u8>,
         data: crate::config::DataDir,
-        volumes: Vec<std::path::PathBuf>,
+        store: Arc<crate::store::PackStore>,
     ) -> WebState {
         WebState(Arc::new(WebInner {
+            hooks: crate::hooks::Hooks::new(catalog.clone(), data.clone()),
             catalog,
             ca_cert_der,
             logins: LoginLimiter::default(),
             chain_checked: std::sync::Mutex::new(None),
             data,
-            volumes,
+            volumes: store.volumes().to_vec(),
+            store,
         }))
     }
 
@@ -75,9 +83,17 @@ impl WebState {
     }
 
     /// The plugin hooks, for decisions a job needs when it is queued (driver matching).
-    /// Made per use: a compiled plugin is cached on disk, and these are rare actions.
-    pub fn hooks(&self) -> crate::hooks::Hooks {
-        crate::hooks::Hooks::new(self.0.catalog.clone(), self.0.data.clone())
+    pub fn hooks(&self) -> &crate::hooks::Hooks {
+        &self.0.hooks
+    }
+
+    /// What layer captures need: the catalog, the blob store and the hooks.
+    pub fn layer_env(&self) -> crate::layers::Env<'_> {
+        crate::layers::Env {
+            catalog: &self.0.catalog,
+            store: &self.0.store,
+            hooks: &self.0.hooks,
+        }
     }
 }
 
@@ -85,6 +101,8 @@ impl WebState {
 pub fn router(state: WebState) -> Router {
     let ui = ui::routes()
         .merge(images::routes())
+        .merge(deploy::routes())
+        .merge(drivers::routes())
         .merge(jobs::routes())
         .merge(nodes::routes())
         .merge(policies::routes())

@@ -272,25 +272,18 @@ async fn walk(c: &Client, base: &str, hostname: &str) -> Result<()> {
 
 const END_USER_PASSWORD: &str = "end user test password";
 
-/// `morgana user add NAME --role end-user --password-stdin` beside the running `serve`.
-fn add_end_user(appliance: &Appliance, name: &str) -> Result<()> {
+/// `morgana user add NAME --role ROLE --password-stdin` beside the running `serve`.
+fn add_user(appliance: &Appliance, name: &str, role: &str, password: &str) -> Result<()> {
     use std::io::Write;
     let mut child = morgana()
-        .args([
-            "user",
-            "add",
-            name,
-            "--role",
-            "end-user",
-            "--password-stdin",
-        ])
+        .args(["user", "add", name, "--role", role, "--password-stdin"])
         .arg("--data-dir")
         .arg(&appliance.data_dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
-    writeln!(child.stdin.take().context("stdin")?, "{END_USER_PASSWORD}")?;
+    writeln!(child.stdin.take().context("stdin")?, "{password}")?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!("user add failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -335,7 +328,7 @@ fn restore_a_folder_from_the_ui_then_download_it_in_the_portal() -> Result<()> {
     agent.sync()?;
     // The service runs jobs; its schedule would sync again only in an hour.
     let daemon = crate::daemon::Daemon::start(&agent, "1h", &tmp.path().join("agent.log"))?;
-    add_end_user(&appliance, "ann")?;
+    add_user(&appliance, "ann", "end-user", END_USER_PASSWORD)?;
     let hostname = fs::read_to_string("/proc/sys/kernel/hostname")?
         .trim()
         .to_string();
@@ -544,5 +537,176 @@ async fn restore_and_download(
     c.goto(&format!("{base}/portal")).await?;
     wait_css(c, "#portal-devices").await?;
     screenshot(c, "portal-phone").await?;
+    Ok(())
+}
+
+const IMAGE_MANAGER_PASSWORD: &str = "image manager test password";
+
+fn write(root: &Path, path: &str, data: &[u8]) -> Result<()> {
+    let p = root.join(path);
+    fs::create_dir_all(p.parent().context("parent")?)?;
+    fs::write(&p, data).with_context(|| format!("write {}", p.display()))
+}
+
+#[test]
+fn an_image_manager_captures_a_base_layer_and_deploys_it_from_the_ui() -> Result<()> {
+    crate::init();
+    let tmp = tempfile::tempdir()?;
+    let appliance = Appliance::start_with(&tmp.path().join("appliance"), &["--gc-every", "off"])?;
+    add_user(
+        &appliance,
+        "imogen",
+        "image-manager",
+        IMAGE_MANAGER_PASSWORD,
+    )?;
+
+    // The reference machine: system files, its identity, a user's home.
+    let refroot = tmp.path().join("ref");
+    write(&refroot, "etc/hostname", b"ref\n")?;
+    write(&refroot, "etc/machine-id", b"ref-machine-id\n")?;
+    write(&refroot, "etc/app.conf", b"level = 1\n")?;
+    write(&refroot, "usr/bin/tool", &noise(200_000, 1))?;
+    write(&refroot, "usr/share/doc/tool/README", b"the tool")?;
+    write(&refroot, "home/admin/notes.txt", b"reference notes")?;
+    let reference = Agent::enroll(&appliance, &refroot, &tmp.path().join("ref-state"))?;
+    reference.sync()?;
+    let ref_id = crate::daemon::device_id(&reference)?;
+
+    // The target: its own identity and user data, an old tool; its service runs the job.
+    let root = tmp.path().join("target");
+    write(&root, "etc/hostname", b"target\n")?;
+    write(&root, "etc/machine-id", b"target-machine-id\n")?;
+    write(&root, "home/user/doc.txt", b"the user's work")?;
+    write(&root, "usr/bin/tool", b"an old tool")?;
+    let target = Agent::enroll(&appliance, &root, &tmp.path().join("target-state"))?;
+    target.sync()?;
+    let target_id = crate::daemon::device_id(&target)?;
+    let daemon = crate::daemon::Daemon::start(&target, "1h", &tmp.path().join("target.log"))?;
+
+    let driver = Driver::start()?;
+    let profile = tmp.path().join("chromium");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async {
+        let c = browser(&driver, &profile).await?;
+        let result = capture_and_deploy(&c, &appliance.url, &ref_id, &target_id).await;
+        if result.is_err() {
+            let _ = screenshot(&c, "failure-images").await;
+        }
+        let _ = c.close().await;
+        result
+    });
+    result.with_context(|| format!("target agent log:\n{}", daemon.log()))?;
+
+    // On disk: the reference's system, the target's own identity and user data.
+    for path in ["usr/bin/tool", "usr/share/doc/tool/README", "etc/app.conf"] {
+        assert_eq!(
+            hash_file(&root.join(path))?,
+            hash_file(&refroot.join(path))?,
+            "{path}"
+        );
+    }
+    assert_eq!(fs::read(root.join("etc/hostname"))?, b"target\n");
+    assert_eq!(
+        fs::read(root.join("etc/machine-id"))?,
+        b"target-machine-id\n"
+    );
+    assert_eq!(
+        fs::read(root.join("home/user/doc.txt"))?,
+        b"the user's work"
+    );
+    assert!(
+        !root.join("home/admin").exists(),
+        "the reference's home stays there"
+    );
+    Ok(())
+}
+
+async fn capture_and_deploy(c: &Client, base: &str, ref_id: &str, target_id: &str) -> Result<()> {
+    sign_in(c, base, "imogen", IMAGE_MANAGER_PASSWORD).await?;
+    // The navigation offers the Images page to an image manager.
+    wait_xpath(c, "//nav//a[text()='Images']")
+        .await?
+        .click()
+        .await?;
+    wait_css(c, "#no-layers").await?;
+
+    // Mark the reference machine.
+    let select = wait_css(c, "#mark-reference select").await?;
+    select.select_by_value(ref_id).await?;
+    wait_css(c, "#mark-reference button").await?.click().await?;
+    let notice = wait_css(c, "#notice").await?.text().await?;
+    assert!(notice.contains("Marked as a reference machine"), "{notice}");
+    screenshot(c, "images").await?;
+
+    // Capture a base layer from its snapshot: the form, the confirmation, the new version.
+    wait_xpath(
+        c,
+        &format!("//a[contains(@class, 'capture-link') and contains(@href, '{ref_id}')]"),
+    )
+    .await?
+    .click()
+    .await?;
+    wait_css(c, "#layer-name")
+        .await?
+        .send_keys("office-base")
+        .await?;
+    wait_css(c, "input[name=notes]")
+        .await?
+        .send_keys("from the browser")
+        .await?;
+    screenshot(c, "capture").await?;
+    wait_css(c, "#capture-next").await?.click().await?;
+    let summary = wait_css(c, "#capture-summary").await?.text().await?;
+    assert!(summary.contains("system of"), "{summary}");
+    wait_css(c, "#confirm-capture").await?.click().await?;
+    let result = wait_css(c, "#capture-result").await?.text().await?;
+    assert!(result.contains("base layer office-base v1"), "{result}");
+    screenshot(c, "captured").await?;
+
+    // Assign it to the target: the dry run first, then confirm.
+    wait_css(c, "#assign-next").await?.click().await?;
+    wait_css(c, &format!("input[name=devices][value='{target_id}']"))
+        .await?
+        .click()
+        .await?;
+    let chosen = wait_css(c, "#base").await?.prop("value").await?;
+    assert_eq!(chosen.as_deref(), Some("office-base:1"));
+    wait_css(c, "#dry-run").await?.click().await?;
+    let table = wait_css(c, "#dry-run-table").await?.text().await?;
+    assert!(table.contains(target_id), "{table}");
+    // The target's old tool is replaced, and it has its own copy: a conflict the page names.
+    let conflicts = wait_css(c, "ul.conflicts").await?.text().await?;
+    assert!(
+        conflicts.contains("user-changed") && conflicts.contains("/usr/bin/tool"),
+        "{conflicts}"
+    );
+    screenshot(c, "assign-dry-run").await?;
+    wait_css(c, "#confirm-assign").await?.click().await?;
+
+    // The deployment page follows the apply job until it has ended.
+    wait_css(c, "#deployment-table").await?;
+    screenshot(c, "deployment-running").await?;
+    let done = wait_css(c, "#deployment-done").await?.text().await?;
+    assert!(done.contains("1 succeeded, 0 failed"), "{done}");
+    let state = wait_css(c, ".job-state").await?.text().await?;
+    assert_eq!(state.trim(), "succeeded");
+    let files = wait_xpath(c, "//table[@id='deployment-table']//td[3]")
+        .await?
+        .text()
+        .await?;
+    let (done_files, total) = files
+        .split_once(" of ")
+        .with_context(|| format!("files cell {files:?}"))?;
+    assert_eq!(done_files.trim(), total.trim(), "{files}");
+    assert_ne!(total.trim(), "0", "{files}");
+    screenshot(c, "deployment-done").await?;
+
+    // Phone-sized, the Images page still reads.
+    c.set_window_size(390, 844).await?;
+    c.goto(&format!("{base}/images")).await?;
+    wait_css(c, "#deployments").await?;
+    screenshot(c, "images-phone").await?;
     Ok(())
 }

@@ -205,29 +205,15 @@ pub async fn run(cmd: DriverCommand) -> anyhow::Result<()> {
             }
         }
         DriverCommand::Deliver { device, path, dir } => {
-            if let Some(p) = &path
-                && (!p.starts_with('/') || p.split('/').any(|c| c == ".."))
-            {
-                bail!("--path {p:?} must be an absolute path without `..`");
-            }
             let (data, catalog) = open(&dir).await?;
             let hooks = Hooks::new(catalog.clone(), data.clone());
             let result = async {
                 let id = resolve_device(catalog.as_ref(), &device).await?;
                 let drivers = drivers::deliveries_for(catalog.as_ref(), &hooks, &id, None).await?;
-                if !drivers.has_inventory {
-                    bail!(
-                        "device {id} has not reported its hardware inventory yet, so no profile \
-                         can match: start its agent service (`morgana-agent run`) and try again"
-                    );
-                }
-                if drivers.deliveries.is_empty() {
-                    bail!(
-                        "no driver profile matches device {id}: see `morgana driver preview \
-                         --device {id}`"
-                    );
-                }
-                Ok(drivers::deliver(catalog.as_ref(), &drivers, path.as_deref(), "cli").await?)
+                anyhow::Ok(
+                    drivers::deliver_now(catalog.as_ref(), &drivers, path.as_deref(), "cli")
+                        .await?,
+                )
             }
             .await;
             catalog.close().await;
@@ -265,21 +251,16 @@ async fn preview(
     {
         bail!("there is no driver profile {p}: list them with `morgana driver profile list`");
     }
-    let ids = match device {
-        Some(d) => vec![resolve_device(catalog, d).await?],
-        None => catalog
-            .devices()
-            .await?
-            .into_iter()
-            .filter(|d| !d.device.revoked)
-            .map(|d| d.device.id)
-            .collect(),
+    let device = match device {
+        Some(d) => Some(resolve_device(catalog, d).await?),
+        None => None,
     };
-    let mut out = Vec::new();
-    for id in ids {
-        out.push(drivers::deliveries_for(catalog, hooks, &id, profile).await?);
-    }
-    Ok(out)
+    let profiles: Vec<_> = drivers::profiles(catalog)
+        .await?
+        .into_iter()
+        .filter(|(r, _)| profile.is_none_or(|p| p == r.name))
+        .collect();
+    Ok(drivers::preview(catalog, hooks, &profiles, device.as_deref()).await?)
 }
 
 fn print_preview(all: &[DeviceDrivers]) {

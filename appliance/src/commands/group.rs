@@ -1,9 +1,6 @@
 //! `morgana group`: saved device groups, for assigning layers to many devices at once.
 
-use anyhow::bail;
-
-use crate::catalog::Catalog;
-use crate::commands::layer::{DirArgs, open, resolve_device};
+use crate::commands::layer::{DirArgs, open};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -27,15 +24,8 @@ pub enum Command {
 pub async fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Set { name, devices, dir } => {
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                bail!("group name {name:?} is not usable: letters, digits, `-`, `_` or `.`");
-            }
             let (_, catalog) = open(&dir).await?;
-            let result = set(catalog.as_ref(), &name, &devices).await;
+            let result = crate::assign::save_group(catalog.as_ref(), &name, &devices, "cli").await;
             catalog.close().await;
             let ids = result?;
             println!("group {name}: {}", ids.join(" "));
@@ -59,33 +49,4 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn set(catalog: &dyn Catalog, name: &str, devices: &[String]) -> anyhow::Result<Vec<String>> {
-    let mut ids = Vec::new();
-    for d in devices {
-        let id = resolve_device(catalog, d).await?;
-        if !ids.contains(&id) {
-            ids.push(id);
-        }
-    }
-    catalog
-        .save_group(
-            name,
-            &ids,
-            &crate::clock::rfc3339_ms(crate::clock::now_ms()),
-            "cli",
-        )
-        .await?;
-    crate::events::record(
-        catalog,
-        crate::events::NewEvent::system(
-            "group.saved",
-            crate::events::Severity::Info,
-            format!("device group {name} saved: {}", ids.join(", ")),
-        )
-        .by("cli"),
-    )
-    .await;
-    Ok(ids)
 }

@@ -5,16 +5,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use morgana_core::control::JobKind;
 use morgana_core::plugin::types::LayerKind;
 use morgana_core::tree::{Content, Kind};
-use morgana_core::wire::SnapshotInfo;
 
-use crate::catalog::{Assignment, Catalog, Device, LayerRecord, SqliteCatalog};
+use crate::catalog::{Catalog, Device, LayerRecord, SqliteCatalog};
 use crate::config::{DEFAULT_DATA_DIR, DataDir};
 use crate::hooks::Hooks;
 use crate::layers::{self, Env, Request};
 use crate::store::{PackStore, load_tree};
-use morgana_core::control::{JobKind, RestoreJob, RestoreScope};
 
 #[derive(Debug, clap::Args)]
 pub struct DirArgs {
@@ -183,29 +182,13 @@ pub async fn reference(cmd: ReferenceCommand) -> anyhow::Result<()> {
         catalog.close().await;
         return Ok(());
     };
-    let found = catalog.set_reference(device, on).await?;
-    if !found {
-        catalog.close().await;
-        bail!("there is no device {device}: enrol it first with `morgana-agent enroll`");
-    }
-    let verb = if on { "marked" } else { "unmarked" };
-    crate::events::record(
-        catalog.as_ref(),
-        crate::events::NewEvent::system(
-            if on {
-                "device.reference-marked"
-            } else {
-                "device.reference-unmarked"
-            },
-            crate::events::Severity::Info,
-            format!("device {device} {verb} as a reference machine"),
-        )
-        .for_device(device)
-        .by("cli"),
-    )
-    .await;
+    let result = layers::set_reference(catalog.as_ref(), device, on, "cli").await;
     catalog.close().await;
-    println!("{verb} {device} as a reference machine");
+    result?;
+    println!(
+        "{} {device} as a reference machine",
+        if on { "marked" } else { "unmarked" }
+    );
     Ok(())
 }
 
@@ -220,13 +203,14 @@ pub async fn layer(cmd: LayerCommand) -> anyhow::Result<()> {
             dir,
         } => {
             let (data, catalog) = open(&dir).await?;
-            let device = reference_machine(catalog.as_ref(), &device).await?;
+            let device = layers::reference_machine(catalog.as_ref(), &device).await?;
             let snapshot = if fresh.fresh {
                 Some(fresh_snapshot(catalog.as_ref(), &device, &fresh).await?)
             } else {
                 snapshot
             };
-            let snapshot = device_snapshot(catalog.as_ref(), &device, snapshot.as_deref()).await?;
+            let snapshot =
+                layers::device_snapshot(catalog.as_ref(), &device, snapshot.as_deref()).await?;
             let (store, hooks) = parts(&data, &catalog)?;
             let env = Env {
                 catalog: &catalog,
@@ -234,7 +218,7 @@ pub async fn layer(cmd: LayerCommand) -> anyhow::Result<()> {
                 hooks: &hooks,
             };
             let req = Request {
-                name: check_name(&name)?,
+                name: layers::check_name(&name)?,
                 notes: &notes,
                 actor: "cli",
                 device: &device,
@@ -253,21 +237,15 @@ pub async fn layer(cmd: LayerCommand) -> anyhow::Result<()> {
             dir,
         } => {
             let (data, catalog) = open(&dir).await?;
-            let device = reference_machine(catalog.as_ref(), &device).await?;
-            let before = device_snapshot(catalog.as_ref(), &device, Some(&before)).await?;
+            let device = layers::reference_machine(catalog.as_ref(), &device).await?;
+            let before = layers::device_snapshot(catalog.as_ref(), &device, Some(&before)).await?;
             let after = if fresh.fresh {
                 Some(fresh_snapshot(catalog.as_ref(), &device, &fresh).await?)
             } else {
                 after
             };
-            let after = device_snapshot(catalog.as_ref(), &device, after.as_deref()).await?;
-            if before.id == after.id {
-                bail!(
-                    "--before and --after are the same snapshot {}: sync the reference machine \
-                     after installing the applications, then capture again",
-                    after.id
-                );
-            }
+            let after =
+                layers::device_snapshot(catalog.as_ref(), &device, after.as_deref()).await?;
             let (store, hooks) = parts(&data, &catalog)?;
             let env = Env {
                 catalog: &catalog,
@@ -275,7 +253,7 @@ pub async fn layer(cmd: LayerCommand) -> anyhow::Result<()> {
                 hooks: &hooks,
             };
             let req = Request {
-                name: check_name(&name)?,
+                name: layers::check_name(&name)?,
                 notes: &notes,
                 actor: "cli",
                 device: &device,
@@ -403,36 +381,6 @@ fn parts(data: &DataDir, catalog: &Arc<dyn Catalog>) -> anyhow::Result<(Arc<Pack
     Ok((store, Hooks::new(catalog.clone(), data.clone())))
 }
 
-fn check_name(name: &str) -> anyhow::Result<&str> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    if !ok {
-        bail!(
-            "layer name {name:?} is not usable: 1 to 64 letters, digits, `-`, `_` or `.`, \
-             e.g. debian-12-base"
-        );
-    }
-    Ok(name)
-}
-
-async fn reference_machine(catalog: &dyn Catalog, id: &str) -> anyhow::Result<Device> {
-    let Some(device) = catalog.device_status(id).await?.map(|s| s.device) else {
-        bail!("there is no device {id}: enrol the reference machine with `morgana-agent enroll`");
-    };
-    let references = catalog.reference_devices().await?;
-    if !references.iter().any(|d| d.id == device.id) {
-        bail!(
-            "device {id} ({}) is not a reference machine: mark it with `morgana reference mark {id}` \
-             first (layers are captured from reference machines only)",
-            device.hostname
-        );
-    }
-    Ok(device)
-}
-
 /// Queues a sync job on the reference machine, waits for its agent to run it, and names
 /// the snapshot it took. An agent that does not answer is an error saying so; its job
 /// stays queued (it runs when the agent comes back) and nothing is captured.
@@ -501,32 +449,6 @@ async fn fresh_snapshot(
             job.id,
             device.id
         ),
-    }
-}
-
-async fn device_snapshot(
-    catalog: &dyn Catalog,
-    device: &Device,
-    id: Option<&str>,
-) -> anyhow::Result<SnapshotInfo> {
-    match id {
-        Some(id) => match catalog.snapshot(id).await? {
-            Some(s) if s.device_id == device.id => Ok(s),
-            Some(_) => bail!("snapshot {id} belongs to another device than {}", device.id),
-            None => bail!(
-                "there is no snapshot {id}: list the device's snapshots with `morgana-agent snapshots`"
-            ),
-        },
-        None => catalog
-            .device_snapshots(&device.id)
-            .await?
-            .pop()
-            .with_context(|| {
-                format!(
-                    "device {} has no snapshot yet: sync it with `morgana-agent sync`, then capture",
-                    device.id
-                )
-            }),
     }
 }
 
@@ -628,72 +550,20 @@ struct AssignArgs<'a> {
 }
 
 async fn assign(catalog: &dyn Catalog, hooks: &Hooks, req: &AssignArgs<'_>) -> anyhow::Result<()> {
-    use crate::assign::{self, parse_pin};
-    let mut ids: Vec<String> = Vec::new();
-    for d in req.devices {
-        let id = resolve_device(catalog, d).await?;
-        if !ids.contains(&id) {
-            ids.push(id);
-        }
-    }
-    let groups = catalog.groups().await?;
-    for g in req.groups {
-        let Some((_, members)) = groups.iter().find(|(n, _)| n == g) else {
-            bail!("there is no device group {g}: list them with `morgana group list`");
-        };
-        for id in members {
-            if !ids.contains(id) {
-                ids.push(id.clone());
-            }
-        }
-    }
-    if ids.is_empty() {
-        bail!("name the devices to assign layers to: --device D (repeatable) or --group G");
-    }
-    assign::check_paths(req.do_not_override)?;
-    let (name, version) = parse_pin(req.base)?;
-    let base = assign::resolve(catalog, &name, version, LayerKind::Base).await?;
-    let mut apps = Vec::new();
-    for a in req.apps {
-        let (name, version) = parse_pin(a)?;
-        apps.push(assign::resolve(catalog, &name, version, LayerKind::App).await?);
-    }
-    let assignment = Assignment {
-        base: assign::pin(&base),
-        apps: apps.iter().map(assign::pin).collect(),
-        do_not_override: req.do_not_override.to_vec(),
-    };
-    let mut plans = Vec::new();
-    let mut reports = Vec::new();
-    for id in &ids {
-        let plan = assign::plan(catalog, id, &assignment).await?;
-        reports.push(assign::dry_run(catalog, id, &plan).await?);
-        plans.push(plan);
-    }
+    use crate::assign;
+    let ids = assign::targets(catalog, req.devices, req.groups).await?;
+    let assignment = assign::assignment(catalog, req.base, req.apps, req.do_not_override).await?;
+    let (plans, reports): (Vec<_>, Vec<_>) = assign::dry_runs(catalog, &ids, &assignment)
+        .await?
+        .into_iter()
+        .unzip();
     let mut jobs = Vec::new();
     if !req.dry_run {
-        let now = crate::clock::rfc3339_ms(crate::clock::now_ms());
-        catalog
-            .assign_layers(&ids, &assignment, &now, "cli")
-            .await?;
-        for (id, plan) in ids.iter().zip(plans) {
-            crate::events::record(
-                catalog,
-                crate::events::NewEvent::system(
-                    "layer.assigned",
-                    crate::events::Severity::Info,
-                    format!(
-                        "layers assigned to {id}: {}",
-                        describe_assignment(&assignment)
-                    ),
-                )
-                .for_device(id)
-                .by("cli"),
-            )
-            .await;
-            let job = assign::queue_apply(catalog, hooks, id, plan.job, "cli").await?;
-            jobs.push(job.id);
-        }
+        jobs = assign::apply(catalog, hooks, &ids, &assignment, plans, "cli")
+            .await?
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
     }
     if req.json {
         let list: Vec<_> = reports
@@ -711,7 +581,7 @@ async fn assign(catalog: &dyn Catalog, hooks: &Hooks, req: &AssignArgs<'_>) -> a
         );
         return Ok(());
     }
-    println!("{}", describe_assignment(&assignment));
+    println!("{}", assign::describe(&assignment));
     println!(
         "{:<18} {:>7} {:>7} {:>7} {:>6} {:>14} {:>9}  job",
         "device", "add", "replace", "remove", "kept", "download", "conflicts"
@@ -743,53 +613,9 @@ async fn assign(catalog: &dyn Catalog, hooks: &Hooks, req: &AssignArgs<'_>) -> a
     Ok(())
 }
 
-fn describe_assignment(a: &Assignment) -> String {
-    let mut s = format!("base {} v{}", a.base.name, a.base.version);
-    for app in &a.apps {
-        s.push_str(&format!(" + app {} v{}", app.name, app.version));
-    }
-    if !a.do_not_override.is_empty() {
-        s.push_str(&format!(
-            ", never overriding {}",
-            a.do_not_override.join(", ")
-        ));
-    }
-    s
-}
-
 async fn rollback(catalog: &dyn Catalog, device: &str) -> anyhow::Result<()> {
     let id = resolve_device(catalog, device).await?;
-    if catalog.applied_layers(&id).await?.is_none() {
-        bail!(
-            "device {device} has no applied layers to roll back (see `morgana job list --device {id}`)"
-        );
-    }
-    let Some(snapshot) = catalog
-        .device_snapshots(&id)
-        .await?
-        .into_iter()
-        .rev()
-        .find(|s| s.reason == "pre-layer-update")
-    else {
-        bail!(
-            "device {device} has no pre-layer-update snapshot to return to; restore an older \
-             snapshot with `morgana job restore {id} --snapshot S --scope system-only`"
-        );
-    };
-    let job = crate::jobs::queue(
-        catalog,
-        &id,
-        JobKind::RollbackLayers(RestoreJob {
-            snapshot: snapshot.id.clone(),
-            source_device: id.clone(),
-            root: snapshot.root,
-            scope: RestoreScope::SystemOnly,
-            target: None,
-            drivers: Vec::new(),
-        }),
-        "cli",
-    )
-    .await?;
+    let job = crate::assign::rollback(catalog, &id, "cli").await?;
     println!("{}", job.id);
     Ok(())
 }

@@ -87,7 +87,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         catalog.clone(),
         pki.ca_cert_der.to_vec(),
         data.clone(),
-        store.volumes().to_vec(),
+        store.clone(),
     );
     let first_admin_password = crate::auth::ensure_admin(catalog.as_ref()).await?;
     let state = AppState::new(catalog.clone(), store.clone(), Arc::new(pki))

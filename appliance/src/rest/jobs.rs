@@ -77,7 +77,7 @@ async fn job_create(
                 paths,
                 to,
             };
-            op(jobs::start_restore(s.catalog(), &s.hooks(), &a.user, &id, &req).await)?
+            op(jobs::start_restore(s.catalog(), s.hooks(), &a.user, &id, &req).await)?
         }
     };
     Ok((StatusCode::CREATED, Json(job_json(&job))).into_response())

@@ -322,7 +322,7 @@ async fn view_restore_post(
         to: (scope == "paths").then(|| f.to.clone()),
     };
     if f.confirmed == "yes" {
-        return match start_restore(catalog, &state.hooks(), &a.user, &id, &req).await {
+        return match start_restore(catalog, state.hooks(), &a.user, &id, &req).await {
             Ok(j) => see_other(&format!("/jobs/{}", j.id)),
             Err(e) => e.into_page(),
         };

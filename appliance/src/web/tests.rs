@@ -17,7 +17,7 @@ use tower::ServiceExt;
 
 use crate::api::AppState;
 use crate::auth::{self, Role};
-use crate::catalog::{Catalog, Device, SqliteCatalog};
+use crate::catalog::{Catalog, Device, LayerRecord, SqliteCatalog};
 use crate::config::DataDir;
 use crate::store::PackStore;
 use crate::tls::Pki;
@@ -139,7 +139,7 @@ async fn harness() -> Harness {
         catalog.clone(),
         pki.ca_cert_der.to_vec(),
         data.clone(),
-        store.volumes().to_vec(),
+        store.clone(),
     );
     let app = crate::api::router(AppState::new(catalog.clone(), store.clone(), pki))
         .merge(super::router(web));
@@ -639,6 +639,138 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
             StatusCode::OK,
         ),
     ]);
+    // Image management (issue 6): image managers and administrators. The end user's device
+    // is a reference machine with a base layer `matrix-base` applied, so rollbacks have
+    // something to return to; captures and assignments here really run.
+    let (layer_job, _) = image_fixture(&h, &own, s2.as_str()).await;
+    let other = h.other_device.clone();
+    let profile = "toml=all+%3D+%7B+vendor+%3D+%22LENOVO%22+%7D%0Asets+%3D+%5B%22nic%22%5D";
+    ui.extend::<Vec<UiCase>>(vec![
+        (
+            "POST",
+            "/images/references".into(),
+            format!("device={other}&on=true"),
+            IMAGES,
+            StatusCode::SEE_OTHER,
+        ),
+        (
+            "GET",
+            format!("/images/capture?device={own}&kind=base"),
+            "".into(),
+            IMAGES,
+            StatusCode::OK,
+        ),
+        // Without `confirmed`: the confirmation page, nothing captured.
+        (
+            "POST",
+            "/images/capture".into(),
+            format!("device={own}&kind=base&name=ui-base&snapshot={s2}"),
+            IMAGES,
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            "/images/capture".into(),
+            format!("device={own}&kind=base&name=ui-base&snapshot={s2}&confirmed=yes"),
+            IMAGES,
+            StatusCode::OK,
+        ),
+        (
+            "GET",
+            format!("/images/assign?device={own}"),
+            "".into(),
+            IMAGES,
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            "/images/assign".into(),
+            format!("devices={own}&base=matrix-base"),
+            IMAGES,
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            "/images/assign".into(),
+            format!("devices={own}&base=matrix-base&confirmed=yes"),
+            IMAGES,
+            StatusCode::SEE_OTHER,
+        ),
+        (
+            "GET",
+            format!("/images/deployment?jobs={layer_job}"),
+            "".into(),
+            IMAGES,
+            StatusCode::OK,
+        ),
+        (
+            "GET",
+            format!("/images/deployment/progress?jobs={layer_job}"),
+            "".into(),
+            IMAGES,
+            StatusCode::OK,
+        ),
+        (
+            "GET",
+            format!("/devices/{own}/rollback"),
+            "".into(),
+            IMAGES,
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            format!("/devices/{own}/rollback"),
+            "".into(),
+            IMAGES,
+            StatusCode::SEE_OTHER,
+        ),
+        (
+            "POST",
+            "/images/groups".into(),
+            format!("name=lab&devices={own}+{other}"),
+            IMAGES,
+            StatusCode::SEE_OTHER,
+        ),
+        (
+            "GET",
+            "/images/driver-profiles?name=lenovo".into(),
+            "".into(),
+            IMAGES,
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            "/images/driver-profiles/preview".into(),
+            format!("name=lenovo&{profile}"),
+            IMAGES,
+            StatusCode::OK,
+        ),
+        // Driver set `nic` comes from the API's import below, so the UI's save is refused:
+        // allowed to try, refused as bad input.
+        (
+            "POST",
+            "/images/driver-profiles".into(),
+            format!("name=lenovo&{profile}"),
+            IMAGES,
+            StatusCode::BAD_REQUEST,
+        ),
+        // Not a file upload: allowed to try, refused as bad input.
+        (
+            "POST",
+            "/images/driver-sets".into(),
+            "name=nic".into(),
+            IMAGES,
+            StatusCode::BAD_REQUEST,
+        ),
+        // No inventory reported, so nothing can match: refused as bad input.
+        (
+            "POST",
+            format!("/devices/{own}/drivers"),
+            "".into(),
+            IMAGES,
+            StatusCode::BAD_REQUEST,
+        ),
+    ]);
     let mut tried = 0;
     for (method, path, form, allowed, ok) in &ui {
         for who in EVERYONE {
@@ -889,6 +1021,92 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
             StatusCode::OK,
         ),
     ]);
+    let tar = String::from_utf8(driver_tar(&[("e1000e/e1000e.ko", b"module")])).unwrap();
+    api.extend::<Vec<ApiCase>>(vec![
+        (
+            "PUT",
+            format!("/api/v1/devices/{other}/reference"),
+            Some(r#"{"reference":true}"#.into()),
+            IMAGES,
+            StatusCode::OK,
+        ),
+        ("GET", "/api/v1/layers".into(), None, IMAGES, StatusCode::OK),
+        (
+            "POST",
+            "/api/v1/layers".into(),
+            Some(format!(
+                r#"{{"kind":"base","name":"api-base","device":"{own}","notes":"from the API"}}"#
+            )),
+            IMAGES,
+            StatusCode::CREATED,
+        ),
+        (
+            "POST",
+            "/api/v1/assignments/dry-run".into(),
+            Some(format!(r#"{{"devices":["{own}"],"base":"matrix-base"}}"#)),
+            IMAGES,
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            "/api/v1/assignments".into(),
+            Some(format!(
+                r#"{{"groups":["lab"],"base":"matrix-base:1","do_not_override":["/docs"]}}"#
+            )),
+            IMAGES,
+            StatusCode::CREATED,
+        ),
+        (
+            "POST",
+            format!("/api/v1/devices/{own}/rollback"),
+            None,
+            IMAGES,
+            StatusCode::CREATED,
+        ),
+        ("GET", "/api/v1/groups".into(), None, IMAGES, StatusCode::OK),
+        (
+            "PUT",
+            "/api/v1/groups/lab".into(),
+            Some(format!(r#"{{"devices":["{own}"]}}"#)),
+            IMAGES,
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            "/api/v1/driver-sets?name=nic".into(),
+            Some(tar),
+            IMAGES,
+            StatusCode::CREATED,
+        ),
+        (
+            "GET",
+            "/api/v1/driver-profiles".into(),
+            None,
+            IMAGES,
+            StatusCode::OK,
+        ),
+        (
+            "PUT",
+            "/api/v1/driver-profiles/lenovo".into(),
+            Some(r#"{"toml":"all = { vendor = \"LENOVO\" }\nsets = [\"nic\"]"}"#.into()),
+            IMAGES,
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            "/api/v1/driver-profiles/lenovo/preview".into(),
+            Some(r#"{"toml":"all = { vendor = \"LENOVO\" }\nsets = [\"nic\"]"}"#.into()),
+            IMAGES,
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            format!("/api/v1/devices/{own}/drivers"),
+            None,
+            IMAGES,
+            StatusCode::BAD_REQUEST,
+        ),
+    ]);
     for (method, path, json, allowed, ok) in &api {
         for who in EVERYONE {
             let a = h.api(who, method, path, json.as_deref()).await;
@@ -949,6 +1167,75 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
             );
         }
     }
+}
+
+/// Makes `device` a reference machine, captures base layer `matrix-base` from `snapshot`
+/// and records it as applied by a job, after a pre-layer-update snapshot: what a device
+/// looks like after a successful apply. Returns the apply job's id and the layer.
+async fn image_fixture(h: &Harness, device: &str, snapshot: &str) -> (String, LayerRecord) {
+    let catalog = h.catalog.as_ref();
+    crate::layers::set_reference(catalog, device, true, "test")
+        .await
+        .unwrap();
+    let data = DataDir::new(h._dir.path());
+    let hooks = crate::hooks::Hooks::new(h.catalog.clone(), data);
+    let env = crate::layers::Env {
+        catalog: &h.catalog,
+        store: &h.store,
+        hooks: &hooks,
+    };
+    let d = crate::layers::reference_machine(catalog, device)
+        .await
+        .unwrap();
+    let s = catalog.snapshot(snapshot).await.unwrap().unwrap();
+    let layer = crate::layers::capture_base(
+        &env,
+        &crate::layers::Request {
+            name: "matrix-base",
+            notes: "",
+            actor: "test",
+            device: &d,
+        },
+        &s,
+    )
+    .await
+    .unwrap();
+    let a = crate::assign::assignment(catalog, "matrix-base", &[], &[])
+        .await
+        .unwrap();
+    let ids = vec![device.to_owned()];
+    let plans = crate::assign::dry_runs(catalog, &ids, &a)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect::<Vec<_>>();
+    let job = plans[0].job.clone();
+    let queued = crate::assign::apply(catalog, &hooks, &ids, &a, plans, "test")
+        .await
+        .unwrap();
+    let mut pre = s.clone();
+    pre.id = format!("{}ff", s.id);
+    pre.reason = "pre-layer-update".into();
+    catalog.insert_snapshot(&pre).await.unwrap();
+    catalog
+        .record_applied(device, &queued[0].id, &job, "2026-01-01T00:00:00.000Z")
+        .await
+        .unwrap();
+    (queued[0].id.clone(), layer)
+}
+
+/// A tar of `files` (relative paths) as a driver folder is packed.
+fn driver_tar(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut header, path, *data).unwrap();
+    }
+    b.into_inner().unwrap()
 }
 
 /// `/api/v1/devices/abc/snapshots/s1/tree?path=x` → `/api/v1/devices/{id}/snapshots/{snapshot}/tree`.
@@ -2134,4 +2421,308 @@ async fn the_nodes_page_counts_each_volumes_packs_and_space() {
         "{}",
         page.body
     );
+}
+
+/// A tar with entries written byte for byte (the `tar` crate's builder refuses hostile
+/// names, which is what these archives carry): (name, type, link target, data).
+fn raw_tar(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, kind, link, data) in entries {
+        let mut header = tar::Header::new_gnu();
+        let gnu = header.as_gnu_mut().unwrap();
+        gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+        gnu.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        header.set_entry_type(*kind);
+        header.set_mode(0o644);
+        header.set_size(data.len() as u64);
+        header.set_cksum();
+        b.append(&header, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+#[tokio::test]
+async fn image_routes_refuse_bad_input_with_clear_errors_and_change_nothing() {
+    let h = harness().await;
+    let own = h.own_device.clone();
+    let other = h.other_device.clone();
+    let s2 = h.own_snapshots[1].clone();
+    image_fixture(&h, &own, &s2).await;
+    let im = Who::As(Role::ImageManager);
+    let c = h.catalog.as_ref();
+    let state = || async {
+        (
+            c.jobs(None, 500).await.unwrap().len(),
+            c.layers().await.unwrap().len(),
+            c.groups().await.unwrap(),
+            c.driver_sets().await.unwrap().len(),
+            c.driver_profiles().await.unwrap().len(),
+            c.layer_assignment(&other).await.unwrap().is_some(),
+        )
+    };
+    let before = state().await;
+
+    // Unknown layer, in the UI and the API.
+    let a = h
+        .ui(
+            im,
+            "POST",
+            "/images/assign",
+            &format!("devices={own}&base=no-such-layer"),
+            true,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND, "{}", a.body);
+    assert!(
+        a.body.contains("there is no layer no-such-layer"),
+        "{}",
+        a.body
+    );
+    let a = h
+        .api(
+            im,
+            "POST",
+            "/api/v1/assignments",
+            Some(&format!(
+                r#"{{"devices":["{other}"],"base":"matrix-base:9"}}"#
+            )),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND, "{}", a.body);
+    assert!(a.body.contains("matrix-base v9"), "{}", a.body);
+    // An app layer where the base goes.
+    let a = h
+        .api(
+            im,
+            "POST",
+            "/api/v1/assignments/dry-run",
+            Some(&format!(
+                r#"{{"devices":["{other}"],"base":"matrix-base","apps":["matrix-base"]}}"#
+            )),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    assert!(a.body.contains("not an app one"), "{}", a.body);
+
+    // No devices at all: the form re-renders with the error; the API says the same.
+    let a = h
+        .ui(
+            im,
+            "POST",
+            "/images/assign",
+            "base=matrix-base&confirmed=yes",
+            true,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    assert!(a.body.contains("no devices named"), "{}", a.body);
+    assert!(a.body.contains("id=\"assign-form\""), "{}", a.body);
+    let a = h
+        .api(
+            im,
+            "POST",
+            "/api/v1/assignments",
+            Some(r#"{"devices":[],"base":"matrix-base"}"#),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    assert!(a.body.contains("no devices named"), "{}", a.body);
+    let a = h
+        .api(
+            im,
+            "POST",
+            "/api/v1/assignments",
+            Some(&format!(
+                r#"{{"groups":["nope"],"devices":["{other}"],"base":"matrix-base"}}"#
+            )),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND, "{}", a.body);
+    assert!(
+        a.body.contains("no device group \\\"nope\\\""),
+        "{}",
+        a.body
+    );
+    // A relative do-not-override path.
+    let a = h
+        .api(
+            im,
+            "POST",
+            "/api/v1/assignments",
+            Some(&format!(
+                r#"{{"devices":["{other}"],"base":"matrix-base","do_not_override":["etc/motd"]}}"#
+            )),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    assert!(a.body.contains("not an absolute path"), "{}", a.body);
+
+    // Captures: a bad name, a device that is no reference machine, an app layer from one
+    // snapshot to itself.
+    let a = h
+        .ui(
+            im,
+            "POST",
+            "/images/capture",
+            &format!("device={own}&kind=base&name=bad+name%21&confirmed=yes"),
+            true,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    assert!(a.body.contains("is not usable"), "{}", a.body);
+    let a = h
+        .api(
+            im,
+            "POST",
+            "/api/v1/layers",
+            Some(&format!(
+                r#"{{"kind":"base","name":"x","device":"{other}"}}"#
+            )),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    assert!(a.body.contains("is not a reference machine"), "{}", a.body);
+    let a = h
+        .api(
+            im,
+            "POST",
+            "/api/v1/layers",
+            Some(&format!(
+                r#"{{"kind":"app","name":"x","device":"{own}","before":"{s2}","after":"{s2}"}}"#
+            )),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    assert!(a.body.contains("are the same"), "{}", a.body);
+
+    // Rollback of a device nothing was applied to.
+    let a = h
+        .api(
+            im,
+            "POST",
+            &format!("/api/v1/devices/{other}/rollback"),
+            None,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CONFLICT, "{}", a.body);
+    assert!(a.body.contains("no applied layers"), "{}", a.body);
+
+    // Groups: a bad name, an unknown device.
+    let a = h
+        .ui(
+            im,
+            "POST",
+            "/images/groups",
+            &format!("name=a+b&devices={own}"),
+            true,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    let a = h
+        .api(
+            im,
+            "PUT",
+            "/api/v1/groups/lab",
+            Some(r#"{"devices":["ghost"]}"#),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    assert!(
+        a.body.contains("there is no device \\\"ghost\\\""),
+        "{}",
+        a.body
+    );
+
+    // Malformed profile TOML: refused on save, reported by the preview.
+    let a = h
+        .api(
+            im,
+            "PUT",
+            "/api/v1/driver-profiles/lenovo",
+            Some(r#"{"toml":"all = { vendor = "}"#),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    assert!(a.body.contains("is not a driver profile"), "{}", a.body);
+    let a = h
+        .ui(
+            im,
+            "POST",
+            "/images/driver-profiles/preview",
+            "name=lenovo&toml=all+%3D+%7B+vendor+%3D+%22X%22+%7D%0Asets+%3D+%5B%5D",
+            true,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(a.body.contains("id=\"preview-error\""), "{}", a.body);
+    assert!(a.body.contains("`sets` is empty"), "{}", a.body);
+
+    // Hostile archives: each refused naming the entry, nothing imported or left behind.
+    use tar::EntryType as T;
+    let hostile: [(&[(&str, T, &str, &[u8])], &str); 5] = [
+        (&[("../escape.ko", T::Regular, "", b"x")], "climbs out"),
+        (&[("/etc/evil.ko", T::Regular, "", b"x")], "absolute path"),
+        (&[("lib", T::Symlink, "../../etc", b"")], "outside the tree"),
+        (
+            &[
+                ("a/link", T::Symlink, "..", b""),
+                ("a/link/x.ko", T::Regular, "", b"x"),
+            ],
+            "through a symlink",
+        ),
+        (&[("hard", T::Link, "/etc/shadow", b"")], "hard link"),
+    ];
+    for (entries, why) in hostile {
+        let body = String::from_utf8(raw_tar(entries)).unwrap();
+        let a = h
+            .api(im, "POST", "/api/v1/driver-sets?name=evil", Some(&body))
+            .await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{why}: {}", a.body);
+        assert!(a.body.contains(why), "{why}: {}", a.body);
+        assert!(a.body.contains("nothing was imported"), "{}", a.body);
+    }
+    let a = h
+        .api(
+            im,
+            "POST",
+            "/api/v1/driver-sets?name=evil",
+            Some("not a tar at all, sorry"),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    // The same through the UI's upload form.
+    let tar = raw_tar(&[("../escape.ko", T::Regular, "", b"x")]);
+    let secret = h.session(Role::ImageManager);
+    let mut body = b"--XB\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nevil\r\n--XB\r\n\
+Content-Disposition: form-data; name=\"file\"; filename=\"evil.tar\"\r\n\
+Content-Type: application/x-tar\r\n\r\n"
+        .to_vec();
+    body.extend_from_slice(&tar);
+    body.extend_from_slice(b"\r\n--XB--\r\n");
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!(
+            "/images/driver-sets?csrf={}",
+            auth::csrf_token(secret)
+        ))
+        .header(header::COOKIE, format!("{}={secret}", auth::SESSION_COOKIE))
+        .header(header::CONTENT_TYPE, "multipart/form-data; boundary=XB")
+        .body(Body::from(body))
+        .unwrap();
+    let a = h.send(req).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    assert!(a.body.contains("climbs out of the tree"), "{}", a.body);
+    let leftovers: Vec<_> = std::fs::read_dir(h._dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("driver-upload-")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(!h._dir.path().join("escape.ko").exists());
+
+    assert_eq!(state().await, before, "bad input changed nothing");
 }

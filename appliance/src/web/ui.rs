@@ -99,6 +99,7 @@ impl Layout {
                 .user
                 .role
                 .allows(crate::auth::Permission::ManageProtection),
+            images: a.user.role.allows(crate::auth::Permission::ManageImages),
             admin: a.user.role == Role::Administrator,
             csrf: a.csrf.clone(),
             nav,
@@ -559,6 +560,10 @@ struct DevicePage {
     notice: String,
     run_jobs: bool,
     portal_enabled: bool,
+    /// May manage layers, reference machines and drivers.
+    images: bool,
+    reference: bool,
+    applied_layers: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -590,10 +595,17 @@ async fn view_device_get(
             },
         )
         .await?;
-        Ok::<_, OpError>((d, snaps, portal, events))
+        let reference = state
+            .catalog()
+            .reference_devices()
+            .await?
+            .iter()
+            .any(|r| r.id == d.id);
+        let applied = state.catalog().applied_layers(&d.id).await?.is_some();
+        Ok::<_, OpError>((d, snaps, portal, events, reference, applied))
     }
     .await;
-    let (d, snaps, portal_enabled, events) = match result {
+    let (d, snaps, portal_enabled, events, reference, applied_layers) = match result {
         Ok(r) => r,
         Err(e) => return e.into_page(),
     };
@@ -621,10 +633,19 @@ async fn view_device_get(
                 "The file portal is off for this device: its owner cannot browse or download."
                     .into()
             }
+            "reference-on" => {
+                "Marked as a reference machine: layers can be captured from it.".into()
+            }
+            "reference-off" => {
+                "No longer a reference machine; the layers captured from it stay.".into()
+            }
             _ => String::new(),
         },
         run_jobs: a.user.role.allows(auth::Permission::RunJobs),
         portal_enabled,
+        images: a.user.role.allows(auth::Permission::ManageImages),
+        reference,
+        applied_layers,
     })
 }
 
