@@ -1050,9 +1050,10 @@ async fn every_route_answers_each_role_exactly_as_the_roles_say() {
         (
             "POST",
             "/api/v1/assignments".into(),
-            Some(format!(
-                r#"{{"groups":["lab"],"base":"matrix-base:1","do_not_override":["/docs"]}}"#
-            )),
+            Some(
+                r#"{"groups":["lab"],"base":"matrix-base:1","do_not_override":["/docs"]}"#
+                    .to_string(),
+            ),
             IMAGES,
             StatusCode::CREATED,
         ),
@@ -2659,7 +2660,9 @@ async fn image_routes_refuse_bad_input_with_clear_errors_and_change_nothing() {
 
     // Hostile archives: each refused naming the entry, nothing imported or left behind.
     use tar::EntryType as T;
-    let hostile: [(&[(&str, T, &str, &[u8])], &str); 5] = [
+    // (path, kind, link target, contents) per archive entry.
+    type TarEntry<'a> = (&'a str, T, &'a str, &'a [u8]);
+    let hostile: [(&[TarEntry], &str); 5] = [
         (&[("../escape.ko", T::Regular, "", b"x")], "climbs out"),
         (&[("/etc/evil.ko", T::Regular, "", b"x")], "absolute path"),
         (&[("lib", T::Symlink, "../../etc", b"")], "outside the tree"),
