@@ -24,6 +24,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use anyhow::Context;
 use indicatif::ProgressBar;
@@ -508,6 +509,16 @@ fn write_target(
         );
     }
     let unchanged = classify(root, &target, &device, kept, &mut results);
+    // The restore engine counts each regular file it writes; these are the ones it will.
+    let (files_total, bytes_total) = target
+        .iter()
+        .filter(|(path, e)| {
+            let rel = path.strip_prefix(b"/").unwrap_or(path);
+            e.kind == Some(Kind::File) && !unchanged.contains(rel) && kept.reason(rel).is_none()
+        })
+        .fold((0u64, 0u64), |(n, b), (_, e)| (n + 1, b + e.size));
+    live.files_total.store(files_total, Ordering::Relaxed);
+    live.bytes_total.store(bytes_total, Ordering::Relaxed);
     let (tree_root, trees) = image::build(&target);
     let source = WithTrees {
         trees: trees.into_iter().map(|(id, t)| (id, t.encode())).collect(),

@@ -196,6 +196,9 @@ impl std::fmt::Debug for Keep {
 pub struct Progress {
     pub files: AtomicU64,
     pub bytes: AtomicU64,
+    /// What the job will write in all, when the job knows it up front (a layer apply).
+    pub files_total: AtomicU64,
+    pub bytes_total: AtomicU64,
     /// A layer apply's per-file results, left here for the job's final report.
     pub results: Mutex<Option<morgana_core::control::FileResults>>,
 }

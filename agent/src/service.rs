@@ -358,6 +358,8 @@ async fn run_job(
     let bar = ProgressBar::hidden();
     let progress = |live: &Progress, bar: &ProgressBar| JobProgress {
         files_done: live.files.load(std::sync::atomic::Ordering::Relaxed),
+        files_total: live.files_total.load(std::sync::atomic::Ordering::Relaxed),
+        bytes_total: live.bytes_total.load(std::sync::atomic::Ordering::Relaxed),
         bytes_done: live
             .bytes
             .load(std::sync::atomic::Ordering::Relaxed)
