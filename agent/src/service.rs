@@ -364,7 +364,6 @@ async fn run_job(
             .bytes
             .load(std::sync::atomic::Ordering::Relaxed)
             .max(bar.position()),
-        ..JobProgress::default()
     };
     let outcome = {
         let work = crate::jobs::run(state, data, &job.id, &job.kind, &live, &bar);
