@@ -55,8 +55,9 @@ pub(crate) struct WebInner {
     pub volumes: Vec<std::path::PathBuf>,
     /// Where layer captures and driver imports write their trees and chunks.
     pub store: Arc<crate::store::PackStore>,
-    /// The plugin hooks (layer rules, driver matcher) captures and previews run.
-    pub hooks: crate::hooks::Hooks,
+    /// The plugin hooks (layer rules, driver matcher) captures and previews run; the same
+    /// instance as the agent API's, so both share one plugin cache and failure-event limit.
+    pub hooks: Arc<crate::hooks::Hooks>,
 }
 
 impl WebState {
@@ -65,9 +66,10 @@ impl WebState {
         ca_cert_der: Vec<u8>,
         data: crate::config::DataDir,
         store: Arc<crate::store::PackStore>,
+        hooks: Arc<crate::hooks::Hooks>,
     ) -> WebState {
         WebState(Arc::new(WebInner {
-            hooks: crate::hooks::Hooks::new(catalog.clone(), data.clone()),
+            hooks,
             catalog,
             ca_cert_der,
             logins: LoginLimiter::default(),

@@ -83,19 +83,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let catalog: Arc<dyn Catalog> = Arc::new(catalog);
     crate::commands::plugin::check_active(catalog.as_ref(), &data).await;
     let store = Arc::new(store);
+    let hooks = Arc::new(crate::hooks::Hooks::new(catalog.clone(), data.clone()));
     let web = crate::web::WebState::new(
         catalog.clone(),
         pki.ca_cert_der.to_vec(),
         data.clone(),
         store.clone(),
+        hooks.clone(),
     );
     let first_admin_password = crate::auth::ensure_admin(catalog.as_ref()).await?;
     let state = AppState::new(catalog.clone(), store.clone(), Arc::new(pki))
         .heartbeat_every(args.heartbeat_every)
-        .with_hooks(Arc::new(crate::hooks::Hooks::new(
-            catalog.clone(),
-            data.clone(),
-        )));
+        .with_hooks(hooks);
     api::control::spawn_sweeper(&state);
     if let Every(Some(every)) = args.alert_check_every {
         let catalog = catalog.clone();

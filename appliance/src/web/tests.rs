@@ -140,6 +140,7 @@ async fn harness() -> Harness {
         pki.ca_cert_der.to_vec(),
         data.clone(),
         store.clone(),
+        Arc::new(crate::hooks::Hooks::new(catalog.clone(), data.clone())),
     );
     let app = crate::api::router(AppState::new(catalog.clone(), store.clone(), pki))
         .merge(super::router(web));
