@@ -79,6 +79,19 @@ impl Appliance {
         Self::start_full(data_dir, "127.0.0.1:0", extra, &[])
     }
 
+    /// Started inside network namespace `netns` (which the test created), on `listen`.
+    pub fn start_in_netns(
+        netns: &str,
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+    ) -> Result<Appliance> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns])
+            .arg(bin_dir().join("morgana"));
+        Self::start_cmd(cmd, data_dir, listen, extra, &[])
+    }
+
     /// Starts on a given address, e.g. again on the port an earlier run used.
     pub fn start_on(data_dir: &Path, listen: &str, extra: &[&str]) -> Result<Appliance> {
         Self::start_full(data_dir, listen, extra, &[])
@@ -99,7 +112,17 @@ impl Appliance {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Appliance> {
-        let mut child = morgana()
+        Self::start_cmd(morgana(), data_dir, listen, extra, env)
+    }
+
+    fn start_cmd(
+        mut cmd: Command,
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Appliance> {
+        let mut child = cmd
             .arg("serve")
             .envs(env.iter().copied())
             .arg("--data-dir")

@@ -135,10 +135,12 @@ pub async fn run(
     let kept2 = kept.clone();
     let resuming = resumed.is_some();
     let job_id2 = job_id.to_owned();
+    let reflectors = crate::distribution::discover(state, client).await;
     let written = tokio::task::spawn_blocking(move || {
         let source = ClientSource {
             client: client2,
             handle,
+            reflectors,
         };
         let mut w = write_target(&source, &job2, &root2, &kept2, pre_root, live2, resuming)?;
         deliver_drivers(&source, &root2, &job2.drivers, &job_id2, &mut w.results)

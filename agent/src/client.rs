@@ -129,6 +129,10 @@ impl ServerCertVerifier for PinnedCa {
     }
 }
 
+/// A neighbour's reflector that does not accept a connection this fast is skipped.
+const REFLECTOR_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// A reflector that goes silent this long mid-answer is dropped for the appliance.
+const REFLECTOR_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 /// Longest a control call (heartbeat, report) may take beyond any wait it asks for.
 const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -204,6 +208,35 @@ impl Client {
     /// A client for an enrolled device: pinned CA, device certificate.
     pub fn for_device(state: &State) -> Result<Client, ClientError> {
         let device = state.device()?;
+        let tls = Self::device_tls(state)?;
+        Ok(Client {
+            http: http_client(with_alpn(tls)),
+            base: base_url(&device.server)?,
+            sent: AtomicU64::new(0),
+        })
+    }
+
+    /// A client for a neighbour's branch reflector at `address` (`HOST:PORT`): the same
+    /// identity and trust as toward the appliance (a reflector's certificate comes from the
+    /// appliance CA), but short waits, because the appliance is always there to fall back on.
+    pub fn for_reflector(state: &State, address: &str) -> Result<Client, ClientError> {
+        let tls = Self::device_tls(state)?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(with_alpn(tls))
+            .pool_max_idle_per_host(2)
+            .connect_timeout(REFLECTOR_CONNECT_TIMEOUT)
+            .read_timeout(REFLECTOR_READ_TIMEOUT)
+            .build()
+            .expect("reqwest client with a preconfigured rustls config");
+        Ok(Client {
+            http,
+            base: base_url(&format!("https://{address}"))?,
+            sent: AtomicU64::new(0),
+        })
+    }
+
+    /// The device's TLS client configuration: the pinned appliance CA, the device key.
+    fn device_tls(state: &State) -> Result<rustls::ClientConfig, ClientError> {
         let ca = CertificateDer::from_pem_slice(&state.read(CA_CERT_FILE)?)
             .map_err(|e| ClientError::Credential(format!("{CA_CERT_FILE}: {e}")))?;
         let certs = CertificateDer::pem_slice_iter(&state.read(CLIENT_CERT_FILE)?)
@@ -226,11 +259,7 @@ impl Client {
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_auth_cert(certs, key)
             .map_err(|e| ClientError::Credential(format!("{CLIENT_KEY_FILE}: {e}")))?;
-        Ok(Client {
-            http: http_client(with_alpn(tls)),
-            base: base_url(&device.server)?,
-            sent: AtomicU64::new(0),
-        })
+        Ok(tls)
     }
 
     /// Request body bytes sent so far (the payload on the wire, before TLS framing).
@@ -502,6 +531,46 @@ impl Client {
         )
         .await
         .map(drop)
+    }
+
+    /// A server certificate for this device's reflector listener (PEM), for the key of
+    /// `csr_pem`.
+    pub async fn reflector_certificate(&self, csr_pem: String) -> Result<String, ClientError> {
+        const CALL: &str = "reflector certificate";
+        let req = control::ReflectorCertRequest { csr_pem };
+        let resp = self
+            .post_json(
+                CALL,
+                control::PATH_REFLECTOR_CERT,
+                &req,
+                Some(CONTROL_TIMEOUT),
+            )
+            .await?;
+        Self::json::<control::ReflectorCertReply>(CALL, resp)
+            .await
+            .map(|r| r.cert_pem)
+    }
+
+    /// The reflector's heartbeat.
+    pub async fn reflector_beat(&self, beat: &control::ReflectorBeat) -> Result<(), ClientError> {
+        self.post_json(
+            "reflector heartbeat",
+            control::PATH_REFLECTOR_BEAT,
+            beat,
+            Some(CONTROL_TIMEOUT),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Live reflectors other than this device, as the appliance knows them.
+    pub async fn reflectors(&self) -> Result<Vec<control::ReflectorInfo>, ClientError> {
+        const CALL: &str = "list reflectors";
+        let rb = self
+            .http
+            .get(self.url(control::PATH_REFLECTORS))
+            .timeout(CONTROL_TIMEOUT);
+        Self::json(CALL, self.send(CALL, rb, 0).await?).await
     }
 
     /// Streams the stored form of `ids` (at most `MAX_IDS_PER_REQUEST`), in order.

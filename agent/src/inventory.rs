@@ -203,10 +203,41 @@ fn uname_release() -> String {
 
 /// Adds each interface's IPv4 and IPv6 addresses (with prefix length) from getifaddrs.
 fn add_addresses(network: &mut [NetworkInterface]) {
+    for (name, addr, prefix) in interface_addresses() {
+        if let Some(nic) = network.iter_mut().find(|n| n.name == name) {
+            nic.addresses.push(format!("{addr}/{prefix}"));
+        }
+    }
+    for nic in network {
+        nic.addresses.sort();
+    }
+}
+
+/// The network (`ADDRESS/PREFIX`, host bits cleared) of the interface holding `ip`.
+pub fn subnet_of(ip: std::net::IpAddr) -> Option<String> {
+    let (_, _, prefix) = interface_addresses()
+        .into_iter()
+        .find(|(_, a, _)| *a == ip)?;
+    let network = match ip {
+        std::net::IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
+            std::net::IpAddr::V4((u32::from(a) & mask).into())
+        }
+        std::net::IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+            std::net::IpAddr::V6((u128::from(a) & mask).into())
+        }
+    };
+    Some(format!("{network}/{prefix}"))
+}
+
+/// Every interface address with its prefix length, from getifaddrs.
+fn interface_addresses() -> Vec<(String, std::net::IpAddr, u32)> {
+    let mut out = Vec::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: valid out-pointer; freed below with freeifaddrs.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return;
+        return out;
     }
     let mut cur = head;
     while !cur.is_null() {
@@ -218,9 +249,6 @@ fn add_addresses(network: &mut [NetworkInterface]) {
         }
         // SAFETY: a NUL-terminated name owned by the list.
         let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
-        let Some(nic) = network.iter_mut().find(|n| n.name == name) else {
-            continue;
-        };
         // SAFETY: ifa_addr and ifa_netmask point to sockaddrs of the family ifa_addr names.
         let addr = unsafe { sockaddr_ip(ifa.ifa_addr) };
         let mask = if ifa.ifa_netmask.is_null() {
@@ -234,14 +262,12 @@ fn add_addresses(network: &mut [NetworkInterface]) {
                 std::net::IpAddr::V4(m) => u32::from(m).count_ones(),
                 std::net::IpAddr::V6(m) => u128::from(m).count_ones(),
             });
-            nic.addresses.push(format!("{addr}/{prefix}"));
+            out.push((name.into_owned(), addr, prefix));
         }
     }
     // SAFETY: the list getifaddrs returned, freed once.
     unsafe { libc::freeifaddrs(head) };
-    for nic in network {
-        nic.addresses.sort();
-    }
+    out
 }
 
 /// The IP address in a sockaddr of family AF_INET or AF_INET6.
@@ -268,6 +294,13 @@ unsafe fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<std::net::IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_subnet_of_an_address_is_its_interfaces_network() {
+        let lo = "127.0.0.1".parse().unwrap();
+        assert_eq!(subnet_of(lo).as_deref(), Some("127.0.0.0/8"));
+        assert_eq!(subnet_of("192.0.2.77".parse().unwrap()), None);
+    }
     use std::fs;
 
     fn put(root: &Path, rel: &str, text: &str) {

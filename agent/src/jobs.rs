@@ -112,9 +112,15 @@ impl RestoreRun<'_> {
     async fn engine(&self, req: Request) -> anyhow::Result<Stats> {
         let to = req.to.clone();
         let client = self.client.clone();
+        let reflectors = crate::distribution::discover(self.state, client.as_ref()).await;
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            restore::restore(&ClientSource { client, handle }, &req)
+            let source = ClientSource {
+                client,
+                handle,
+                reflectors,
+            };
+            restore::restore(&source, &req)
         })
         .await
         .context("the restore thread stopped unexpectedly")?
@@ -296,7 +302,11 @@ impl RestoreRun<'_> {
             let delivered = tokio::task::spawn_blocking(move || {
                 let mut results = morgana_core::control::FileResults::default();
                 crate::apply::deliver_drivers(
-                    &ClientSource { client, handle },
+                    &ClientSource {
+                        client,
+                        handle,
+                        reflectors: None,
+                    },
                     &root,
                     &drivers,
                     &job_id,

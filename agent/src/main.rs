@@ -4,8 +4,11 @@ mod apply;
 mod cache;
 mod client;
 mod commands;
+mod distribution;
 mod inventory;
 mod jobs;
+mod mdns;
+mod reflector;
 mod reflectors;
 mod restore;
 mod scan;
@@ -85,6 +88,20 @@ enum Command {
         /// Sync this often (e.g. 30m, 2h), overriding the policy's interval (default 1h).
         #[arg(long, value_name = "DURATION", value_parser = morgana_core::duration::parse_duration)]
         sync_every: Option<Duration>,
+        /// Most bytes the branch reflector cache holds when the appliance gives this device
+        /// the reflector role (e.g. 512M, 20G).
+        #[arg(long, value_name = "SIZE", env = "MORGANA_AGENT_REFLECTOR_CACHE",
+              value_parser = parse_size, default_value = "4G")]
+        reflector_cache_size: u64,
+        /// The address neighbours reach this device's reflector at (default: the one it
+        /// reaches the appliance from).
+        #[arg(long, value_name = "IP", env = "MORGANA_AGENT_REFLECTOR_ADDRESS")]
+        reflector_address: Option<std::net::IpAddr>,
+        /// Use mDNS on the local network: advertise the reflector role, browse for
+        /// reflectors before downloads. It multicasts on every interface: off by default.
+        #[arg(long, env = "MORGANA_AGENT_MDNS", value_parser = clap::builder::BoolishValueParser::new(),
+              default_value = "false", num_args = 0..=1, default_missing_value = "true")]
+        mdns: bool,
     },
     /// Print the hardware and OS inventory this agent reports.
     Inventory {
@@ -96,13 +113,42 @@ enum Command {
     Reflectors {
         /// A JSON array of candidates: {"id", "address": "HOST:PORT", "subnet": "CIDR",
         /// "site"?, "load"?, "latency_ms"?}; a missing latency is measured.
+        #[arg(
+            long,
+            required_unless_present = "discover",
+            conflicts_with = "discover"
+        )]
+        candidates: Option<PathBuf>,
+        /// Find the candidates as a download does: the appliance's list of live reflectors
+        /// (and mDNS with --mdns).
         #[arg(long)]
-        candidates: PathBuf,
+        discover: bool,
+        /// With --discover: also browse the local network over mDNS (multicast on every
+        /// interface).
+        #[arg(long, requires = "discover")]
+        mdns: bool,
         #[arg(long)]
         state_dir: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `4G`, `512M`, `100K` or plain bytes (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 30),
+        Some((i, 'T' | 't')) => (&t[..i], 40),
+        _ => (t, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("{s:?} is not a size: give bytes or a number with K, M, G or T"))
 }
 
 fn main() -> ExitCode {
@@ -145,13 +191,31 @@ fn main() -> ExitCode {
             Command::Run {
                 state_dir,
                 sync_every,
-            } => commands::run::run(state_dir, sync_every).await,
+                reflector_cache_size,
+                reflector_address,
+                mdns,
+            } => {
+                let reflector = reflector::Settings {
+                    cache_limit: reflector_cache_size,
+                    advertise: reflector_address,
+                    mdns,
+                };
+                commands::run::run(state_dir, sync_every, reflector).await
+            }
             Command::Inventory { json } => commands::inventory::run(json),
             Command::Reflectors {
                 candidates,
+                discover: _,
+                mdns,
                 state_dir,
                 json,
-            } => commands::reflectors::run(state_dir, &candidates, json).await,
+            } => {
+                let from = match &candidates {
+                    Some(path) => commands::reflectors::Candidates::File(path),
+                    None => commands::reflectors::Candidates::Discover { mdns },
+                };
+                commands::reflectors::run(state_dir, from, json).await
+            }
         }
     });
     // A sync or restore abandoned on SIGTERM may still run on a blocking thread: it commits

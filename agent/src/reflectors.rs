@@ -5,8 +5,8 @@
 //! plugin fails (trap, limit, malformed answer), the built-in ranks, and the appliance is
 //! told so it can record a `plugin.failed` event.
 //!
-//! Candidates come from the caller: `morgana-agent reflectors --candidates FILE` today;
-//! mDNS discovery (`_morgana-br._tcp`) will feed the same function.
+//! Candidates come from the caller: `morgana-agent reflectors --candidates FILE`, or
+//! `distribution::discover` before a download (the appliance's list and mDNS).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -65,7 +65,7 @@ pub async fn rank(
     let info = ClientInfo {
         device_id: device.device_id.clone(),
         address: own_address(&device.server).await.to_string(),
-        site: None,
+        site: own_site(state, &policy.reflectors),
     };
     let selector = selector_policy(&policy.reflectors);
     let cache_dir = state.path(COMPILED_DIR);
@@ -108,6 +108,13 @@ pub async fn rank(
         plugin_failure: failure.map(|(m, _)| m),
         candidates,
     })
+}
+
+/// The device's site: its own reflector role names it first, then its policy.
+fn own_site(state: &State, policy: &ReflectorPolicy) -> Option<String> {
+    crate::reflector::held_role(state)
+        .and_then(|r| r.site)
+        .or_else(|| policy.site.clone())
 }
 
 fn selector_policy(p: &ReflectorPolicy) -> SelectorPolicy {
@@ -197,7 +204,7 @@ async fn measure_latencies(candidates: &mut [ReflectorCandidate]) {
 
 /// The address this device uses toward the appliance: what reflectors on its subnet see.
 /// Connecting a UDP socket picks the route and source address without sending anything.
-async fn own_address(server: &str) -> IpAddr {
+pub(crate) async fn own_address(server: &str) -> IpAddr {
     let unspecified = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
     let Some(host_port) = server
         .strip_prefix("https://")

@@ -43,6 +43,8 @@ const REPORT_ATTEMPTS: u32 = 6;
 pub struct Options {
     /// Overrides the policy's interval.
     pub sync_every: Option<Duration>,
+    /// How to serve when the appliance gives this device the branch reflector role.
+    pub reflector: crate::reflector::Settings,
 }
 
 /// What the loops share.
@@ -126,6 +128,12 @@ pub async fn run(state: State, opts: Options) -> anyhow::Result<()> {
         shared.set_running(Some(job.id.clone()));
     }
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (role, reflector) = crate::reflector::supervisor(
+        state.clone(),
+        control.clone(),
+        opts.reflector,
+        stop_rx.clone(),
+    );
     info!(device = %device.device_id, root = %device.root.display(), server = %device.server, "agent service started");
     // Joined, not spawned: the loops run on this task and stop together.
     tokio::join!(
@@ -139,8 +147,10 @@ pub async fn run(state: State, opts: Options) -> anyhow::Result<()> {
             state.clone(),
             control.clone(),
             shared.clone(),
+            role,
             stop_rx.clone()
         ),
+        reflector,
         jobs(state, data, control, shared, resume, stop_rx),
         async move {
             shutdown_signal().await;
@@ -245,6 +255,7 @@ async fn heartbeats(
     state: State,
     client: Arc<Client>,
     shared: Arc<Shared>,
+    role: crate::reflector::RoleHandle,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(BACKOFF_MAX);
@@ -291,6 +302,7 @@ async fn heartbeats(
                     }
                 }
                 every = Duration::from_secs(u64::from(reply.heartbeat_secs.max(1)));
+                role.set(&state, reply.reflector, every);
                 every
             }
             Err(e) => {

@@ -32,6 +32,7 @@ use crate::catalog::{BlobLocation, Catalog, CatalogError, Device};
 
 mod plugins;
 mod policy;
+mod reflectors;
 use crate::events::{NewEvent, Severity};
 use crate::snapshot::{self, Closure, ClosureError};
 use crate::store::{PackStore, PackStoreError, with_codec};
@@ -119,6 +120,18 @@ pub fn router(state: AppState) -> Router {
         .route(
             morgana_core::control::PATH_PLUGIN_FAILURES,
             post(plugins::plugin_failed),
+        )
+        .route(
+            morgana_core::control::PATH_REFLECTOR_CERT,
+            post(reflectors::certificate),
+        )
+        .route(
+            morgana_core::control::PATH_REFLECTOR_BEAT,
+            post(reflectors::beat),
+        )
+        .route(
+            morgana_core::control::PATH_REFLECTORS,
+            get(reflectors::list),
         )
         .layer(middleware::from_fn(require_protocol));
     Router::new()

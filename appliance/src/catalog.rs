@@ -17,6 +17,7 @@ use morgana_core::Id;
 use morgana_core::control::{
     ApplyJob, FileResults, Inventory, JobKind, JobProgress, JobReport, JobState,
 };
+use morgana_core::control::{ReflectorBeat, ReflectorRole};
 use morgana_core::pack::PackEntry;
 use morgana_core::plugin::Hook;
 use morgana_core::plugin::types::LayerKind;
@@ -580,6 +581,52 @@ pub trait Catalog: Send + Sync {
 
     /// Fleet-wide figures; `protected_since` is RFC 3339 UTC.
     async fn fleet_stats(&self, protected_since: &str) -> Result<FleetStats>;
+
+    /// Turns the reflector role on (with its port and site) or off for a device; false if
+    /// there is no such device. Turning it off keeps the reflector's last figures.
+    async fn set_reflector_role(
+        &self,
+        device_id: &str,
+        role: Option<&ReflectorRole>,
+        changed: &str,
+        changed_by: &str,
+    ) -> Result<bool>;
+
+    /// The device's reflector role, when it is on.
+    async fn reflector_role(&self, device_id: &str) -> Result<Option<ReflectorRole>>;
+
+    /// Records a reflector heartbeat; false (nothing recorded) when the role is off.
+    async fn record_reflector_beat(
+        &self,
+        device_id: &str,
+        beat: &ReflectorBeat,
+        now_ms: i64,
+    ) -> Result<bool>;
+
+    /// Every device that has or had the reflector role, by hostname.
+    async fn reflectors(&self) -> Result<Vec<ReflectorRecord>>;
+}
+
+/// A device with (or once with) the reflector role, and its last heartbeat's figures.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ReflectorRecord {
+    pub device_id: String,
+    pub hostname: String,
+    pub enabled: bool,
+    pub port: u16,
+    pub site: Option<String>,
+    /// RFC 3339 UTC of the last role change, and who made it.
+    pub changed: String,
+    pub changed_by: String,
+    /// `None` until the reflector's first heartbeat.
+    pub address: Option<String>,
+    pub subnet: Option<String>,
+    pub in_flight: u32,
+    pub load: f32,
+    pub cache_bytes: u64,
+    pub cache_limit: u64,
+    pub bytes_served: u64,
+    pub last_seen_ms: Option<i64>,
 }
 
 /// A layer version about to be recorded.

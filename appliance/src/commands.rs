@@ -12,6 +12,7 @@ pub mod job;
 pub mod layer;
 pub mod plugin;
 pub mod policy;
+pub mod reflector;
 pub mod serve;
 pub mod snapshot;
 pub mod user;

@@ -17,6 +17,7 @@ mod layers;
 mod plugins;
 mod policy;
 mod random;
+mod reflectors;
 mod rest;
 mod retention;
 mod snapshot;
@@ -84,6 +85,9 @@ enum Command {
     /// Manage web UI and API accounts: add, list.
     #[command(subcommand)]
     User(commands::user::Command),
+    /// Branch reflectors: turn the role on or off for a device, list them.
+    #[command(subcommand)]
+    Reflector(commands::reflector::Command),
 }
 
 /// Exit status for failures (as opposed to `check` finding damage, which is 1).
@@ -137,6 +141,9 @@ fn main() -> ExitCode {
             Command::Device(cmd) => commands::device::run(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Job(cmd) => commands::job::run(cmd).await,
             Command::User(cmd) => commands::user::run(cmd).await.map(|()| ExitCode::SUCCESS),
+            Command::Reflector(cmd) => commands::reflector::run(cmd)
+                .await
+                .map(|()| ExitCode::SUCCESS),
         }
     });
     match result {

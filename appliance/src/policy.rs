@@ -19,6 +19,7 @@
 //! [reflectors]
 //! preferred_subnets = ["10.20.0.0/16"]
 //! latency_threshold_ms = 30
+//! site = "lyon"              # the devices' branch office, for ranking reflectors
 //! ```
 //!
 //! Every field may be left out (it takes the built-in default's value); an unknown field or
@@ -174,6 +175,8 @@ struct ReflectorsFile {
     #[serde(default)]
     preferred_subnets: Vec<String>,
     latency_threshold_ms: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    site: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -213,6 +216,7 @@ pub fn parse_toml(text: &str) -> Result<PolicySpec, PolicyError> {
             latency_threshold_ms: f
                 .latency_threshold_ms
                 .unwrap_or(defaults.reflectors.latency_threshold_ms),
+            site: f.site,
         },
     };
     let spec = PolicySpec {
@@ -293,6 +297,15 @@ pub fn validate(spec: &PolicySpec) -> Result<(), PolicyError> {
             why: format!("give at most {MAX_PREFERRED_SUBNETS}"),
         });
     }
+    if let Some(site) = &r.site
+        && !morgana_core::control::valid_site(site)
+    {
+        return Err(PolicyError::BadValue {
+            field: "reflectors.site",
+            value: site.clone(),
+            why: "give 1 to 64 letters, digits, `-`, `_` or `.`, such as lyon-office".into(),
+        });
+    }
     for subnet in &r.preferred_subnets {
         if morgana_core::plugin::reflector::parse_cidr(subnet).is_none() {
             return Err(PolicyError::BadValue {
@@ -338,6 +351,7 @@ pub fn to_toml(spec: &PolicySpec) -> String {
         reflectors: Some(ReflectorsFile {
             preferred_subnets: spec.reflectors.preferred_subnets.clone(),
             latency_threshold_ms: Some(spec.reflectors.latency_threshold_ms),
+            site: spec.reflectors.site.clone(),
         }),
     };
     toml::to_string(&file).expect("a policy file serializes")
@@ -631,6 +645,7 @@ mod tests {
             [reflectors]
             preferred_subnets = ["10.20.0.0/16", "fd00:1::/64"]
             latency_threshold_ms = 12
+            site = "lyon"
             "#,
         )
         .unwrap();
@@ -638,7 +653,8 @@ mod tests {
             spec.reflectors,
             ReflectorPolicy {
                 preferred_subnets: vec!["10.20.0.0/16".into(), "fd00:1::/64".into()],
-                latency_threshold_ms: 12
+                latency_threshold_ms: 12,
+                site: Some("lyon".into()),
             }
         );
         assert_eq!(spec.unprotected.rules, ["%home%/Downloads", "/data/big"]);
@@ -689,7 +705,8 @@ mod tests {
                 "[reflectors]\nlatency_threshold_ms = 0",
                 "latency_threshold_ms",
             ),
-            ("[reflectors]\nsite = \"x\"", "site"),
+            ("[reflectors]\nsite = \"a b\"", "reflectors.site"),
+            ("[reflectors]\nbranch = \"x\"", "branch"),
             ("unprotected = [", "TOML"),
         ] {
             let err = parse_toml(text).unwrap_err().to_string();

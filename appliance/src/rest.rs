@@ -22,6 +22,7 @@ use crate::web::{Administer, Auth, OwnDevices, SignedIn, ViewFleet, WebState, br
 mod images;
 mod jobs;
 mod policies;
+mod reflectors;
 
 pub const OPENAPI: &str = include_str!("rest/openapi.json");
 
@@ -82,6 +83,7 @@ pub fn table() -> Vec<Route> {
     routes.extend(jobs::table());
     routes.extend(policies::table());
     routes.extend(images::table());
+    routes.extend(reflectors::table());
     routes.extend(crate::web::plugins::api());
     routes.extend(crate::web::nodes::api());
     routes

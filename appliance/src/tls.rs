@@ -35,6 +35,9 @@ use crate::config::DataDir;
 const DEVICE_CERT_DAYS: i64 = 3650;
 const CA_CERT_DAYS: i64 = 30 * 365;
 const SERVER_CERT_DAYS: i64 = 825;
+/// A reflector asks for a fresh certificate whenever its role starts, so a short life
+/// bounds how long a device whose role was taken away keeps a usable one.
+const REFLECTOR_CERT_DAYS: i64 = 30;
 /// A server certificate closer than this to expiry is replaced at start.
 const SERVER_RENEW_DAYS: i64 = 60;
 /// A client that has not finished its TLS handshake by then is dropped.
@@ -181,17 +184,54 @@ impl Pki {
         csr_pem: &str,
         device_id: &str,
     ) -> Result<(String, Vec<u8>), TlsError> {
+        self.issue_for_device(
+            csr_pem,
+            device_id,
+            "Morgana device",
+            ExtendedKeyUsagePurpose::ClientAuth,
+            DEVICE_CERT_DAYS,
+        )
+    }
+
+    /// Issues the server certificate of a device's branch reflector listener, for the
+    /// public key in its CSR (a key of the listener's own, not the device key). Neighbours
+    /// check it against the appliance CA they pin; names are not checked (a branch reaches
+    /// its reflector under whatever address it has), so the certificate names the device.
+    pub fn issue_reflector_cert(
+        &self,
+        csr_pem: &str,
+        device_id: &str,
+    ) -> Result<(String, Vec<u8>), TlsError> {
+        self.issue_for_device(
+            csr_pem,
+            device_id,
+            "Morgana branch reflector",
+            ExtendedKeyUsagePurpose::ServerAuth,
+            REFLECTOR_CERT_DAYS,
+        )
+    }
+
+    /// Only the key is taken from the request: names, extensions and CA flags a device asks
+    /// for are ignored.
+    fn issue_for_device(
+        &self,
+        csr_pem: &str,
+        device_id: &str,
+        organization: &str,
+        usage: ExtendedKeyUsagePurpose,
+        days: i64,
+    ) -> Result<(String, Vec<u8>), TlsError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(TlsError::Csr)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, device_id);
-        dn.push(DnType::OrganizationName, "Morgana device");
+        dn.push(DnType::OrganizationName, organization);
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![usage];
         params.use_authority_key_identifier_extension = true;
-        set_validity(&mut params, DEVICE_CERT_DAYS);
+        set_validity(&mut params, days);
         params.serial_number = Some(random_serial());
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
         Ok((cert.pem(), cert.der().to_vec()))
@@ -538,6 +578,13 @@ mod tests {
                 .client_auth
         );
         assert!(pki.issue_device_cert("not a csr", "x").is_err());
+
+        let (_, der) = pki.issue_reflector_cert(&csr, "0123456789abcdef").unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert!(!cert.is_ca());
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth, "{eku:?}");
+        assert!(pki.issue_reflector_cert("not a csr", "x").is_err());
     }
 
     #[test]

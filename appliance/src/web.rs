@@ -20,6 +20,7 @@ pub mod ops;
 pub mod plugins;
 pub mod policies;
 pub mod portal;
+pub mod reflectors;
 pub mod ui;
 
 use std::marker::PhantomData;
@@ -110,6 +111,7 @@ pub fn router(state: WebState) -> Router {
         .merge(policies::routes())
         .merge(portal::routes())
         .merge(plugins::routes())
+        .merge(reflectors::routes())
         .layer(middleware::from_fn(require_csrf));
     Router::new()
         .merge(ui)

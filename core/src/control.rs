@@ -18,6 +18,15 @@
 //!   active (the agent then ranks with the built-in).
 //! - `POST` [`PATH_PLUGIN_FAILURES`] [`PluginFailureReport`] → 204: an agent-side plugin
 //!   failed and the built-in answered; the appliance records a `plugin.failed` event.
+//!
+//! Branch reflectors (the role is named in every [`HeartbeatReply`]):
+//! - `POST` [`PATH_REFLECTOR_CERT`] [`ReflectorCertRequest`] → [`ReflectorCertReply`]: a
+//!   server certificate for the reflector's listener, signed by the appliance CA (which
+//!   every enrolled device already pins). Refused (403) unless the role is on.
+//! - `POST` [`PATH_REFLECTOR_BEAT`] [`ReflectorBeat`] → 204: the reflector's address and
+//!   load; 409 once the role is off (the reflector then stops serving).
+//! - `GET` [`PATH_REFLECTORS`] → `Vec<`[`ReflectorInfo`]`>`: reflectors enabled and heard
+//!   from recently, other than the caller: download candidates.
 
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +38,9 @@ pub const PATH_JOBS_NEXT: &str = "/v1/jobs/next";
 pub const PATH_JOB_REPORT: &str = "/v1/jobs/report";
 pub const PATH_REFLECTOR_SELECTOR: &str = "/v1/plugins/reflector-selector";
 pub const PATH_PLUGIN_FAILURES: &str = "/v1/plugins/failures";
+pub const PATH_REFLECTOR_CERT: &str = "/v1/reflector/certificate";
+pub const PATH_REFLECTOR_BEAT: &str = "/v1/reflector/heartbeat";
+pub const PATH_REFLECTORS: &str = "/v1/reflectors";
 pub const PLUGIN_NAME_HEADER: &str = "x-morgana-plugin-name";
 pub const PLUGIN_VERSION_HEADER: &str = "x-morgana-plugin-version";
 /// Longest failure message the appliance keeps from an agent.
@@ -72,6 +84,74 @@ pub struct HeartbeatReply {
     /// an agent whose state was lost resends it.
     #[serde(default)]
     pub inventory_digest: Option<Id>,
+    /// Set while the device has the reflector role: serve blobs to neighbours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reflector: Option<ReflectorRole>,
+}
+
+/// The branch reflector role as an administrator set it for a device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReflectorRole {
+    /// TCP port of the reflector's HTTPS listener.
+    pub port: u16,
+    /// The branch office it serves; devices of the same site rank it higher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+}
+
+/// Beside the appliance's own 8443, and above the range desktops usually hand out.
+pub const DEFAULT_REFLECTOR_PORT: u16 = 8444;
+/// Longest site name; a label for people, not a path.
+pub const MAX_SITE_LEN: usize = 64;
+
+/// A site name is 1 to [`MAX_SITE_LEN`] letters, digits, `-`, `_` or `.`: it travels in
+/// mDNS TXT records and plugin inputs, so nothing that needs quoting.
+pub fn valid_site(site: &str) -> bool {
+    !site.is_empty()
+        && site.len() <= MAX_SITE_LEN
+        && site
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReflectorCertRequest {
+    /// PEM CSR made from the reflector listener's own key (not the device key).
+    pub csr_pem: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReflectorCertReply {
+    pub cert_pem: String,
+}
+
+/// A reflector's state, sent every heartbeat interval while the role is on.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReflectorBeat {
+    /// The address neighbours reach it at (no port).
+    pub address: String,
+    pub port: u16,
+    /// The network of that address (`CIDR`), for subnet ranking.
+    pub subnet: String,
+    /// Requests being served now, and that over the most it serves at once (0 to 1).
+    pub in_flight: u32,
+    pub load: f32,
+    pub cache_bytes: u64,
+    pub cache_limit: u64,
+    /// Stored bytes sent to neighbours since the reflector started.
+    pub bytes_served: u64,
+}
+
+/// A download candidate, as the appliance lists it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReflectorInfo {
+    pub device_id: String,
+    /// `HOST:PORT` (`[v6]:PORT`).
+    pub address: String,
+    pub subnet: String,
+    #[serde(default)]
+    pub site: Option<String>,
+    pub load: f32,
 }
 
 /// Hardware and OS facts. A source the endpoint lacks (containers, VMs without DMI) leaves
@@ -163,6 +243,10 @@ pub struct ReflectorPolicy {
     #[serde(default)]
     pub preferred_subnets: Vec<String>,
     pub latency_threshold_ms: u32,
+    /// The site of the devices following this policy (a reflector's own role names its
+    /// site first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 /// Across a campus a round trip stays under this; across a WAN link it rarely does.
@@ -173,6 +257,7 @@ impl Default for ReflectorPolicy {
         ReflectorPolicy {
             preferred_subnets: Vec::new(),
             latency_threshold_ms: DEFAULT_LATENCY_THRESHOLD_MS,
+            site: None,
         }
     }
 }

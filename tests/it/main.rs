@@ -9,9 +9,11 @@ mod fidelity;
 mod gc;
 mod image;
 mod layers;
+mod mdns;
 mod plugins;
 mod policy;
 mod protocol;
+mod reflectors;
 mod resume;
 mod web;
 

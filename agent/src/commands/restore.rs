@@ -36,6 +36,7 @@ pub async fn run(
     }
     let req = Request::new(snap.id.clone(), snap.root, subpath, to.to_path_buf());
     let started = Instant::now();
+    let reflectors = crate::distribution::discover(&state, &client).await;
     let handle = tokio::runtime::Handle::current();
     // The engine is blocking (file system work on its own threads); it reaches the network
     // through this runtime.
@@ -43,6 +44,7 @@ pub async fn run(
         let source = ClientSource {
             client: Arc::new(client),
             handle,
+            reflectors,
         };
         restore::restore(&source, &req)
     })
@@ -108,14 +110,27 @@ fn pick<'a>(snapshots: &'a [SnapshotInfo], wanted: &str) -> anyhow::Result<&'a S
 }
 
 /// The appliance as a blob source: one `fetch_blobs` call per request, driven on the
-/// caller's runtime from the restore's own threads.
+/// caller's runtime from the restore's own threads; branch reflectors first when any were
+/// found for this download (`distribution::discover`).
 pub(crate) struct ClientSource {
     pub client: Arc<Client>,
     pub handle: tokio::runtime::Handle,
+    pub reflectors: Option<Arc<crate::distribution::Reflected>>,
 }
 
 impl BlobSource for ClientSource {
     fn fetch(&self, ids: &[Id], each: &mut OnBlob<'_>) -> Result<(), RestoreError> {
+        match &self.reflectors {
+            Some(r) => r.fetch(&self.handle, ids, each, &|ids, each| {
+                self.from_appliance(ids, each)
+            }),
+            None => self.from_appliance(ids, each),
+        }
+    }
+}
+
+impl ClientSource {
+    fn from_appliance(&self, ids: &[Id], each: &mut OnBlob<'_>) -> Result<(), RestoreError> {
         self.handle.block_on(async {
             let mut stream = self
                 .client

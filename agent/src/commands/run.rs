@@ -6,9 +6,21 @@ use std::time::Duration;
 use crate::service::{self, Options};
 use crate::state::State;
 
-pub async fn run(state_dir: Option<PathBuf>, sync_every: Option<Duration>) -> anyhow::Result<()> {
+pub async fn run(
+    state_dir: Option<PathBuf>,
+    sync_every: Option<Duration>,
+    reflector: crate::reflector::Settings,
+) -> anyhow::Result<()> {
     let state = State::open(state_dir)?;
     // Fail at once, with the enrolment hint, rather than inside a loop.
     state.device()?;
-    service::run(state, Options { sync_every }).await
+    crate::distribution::enable_mdns(reflector.mdns);
+    service::run(
+        state,
+        Options {
+            sync_every,
+            reflector,
+        },
+    )
+    .await
 }

@@ -181,10 +181,12 @@ pub(super) async fn heartbeat(
     }
     let status = catalog.device_status(&device.id).await?;
     let policy = catalog.device_policy(&device.id).await?;
+    let reflector = catalog.reflector_role(&device.id).await?;
     Ok(axum::Json(HeartbeatReply {
         policy_version: policy.version,
         heartbeat_secs: state.0.control.heartbeat_secs,
         inventory_digest: status.and_then(|s| s.inventory_digest),
+        reflector,
     }))
 }
 

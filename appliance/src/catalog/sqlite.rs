@@ -34,6 +34,7 @@ mod jobs;
 mod layers;
 mod plugins;
 mod policies;
+mod reflectors;
 
 /// Ids per `IN (…)` lookup: far below SQLite's variable limit, large enough to amortise.
 const BATCH: usize = 500;
@@ -1413,6 +1414,37 @@ impl Catalog for SqliteCatalog {
 
     async fn fleet_stats(&self, protected_since: &str) -> Result<FleetStats> {
         self.accounts_fleet_stats(protected_since).await
+    }
+
+    async fn set_reflector_role(
+        &self,
+        device_id: &str,
+        role: Option<&morgana_core::control::ReflectorRole>,
+        changed: &str,
+        changed_by: &str,
+    ) -> Result<bool> {
+        self.reflectors_set_role(device_id, role, changed, changed_by)
+            .await
+    }
+
+    async fn reflector_role(
+        &self,
+        device_id: &str,
+    ) -> Result<Option<morgana_core::control::ReflectorRole>> {
+        self.reflectors_role(device_id).await
+    }
+
+    async fn record_reflector_beat(
+        &self,
+        device_id: &str,
+        beat: &morgana_core::control::ReflectorBeat,
+        now_ms: i64,
+    ) -> Result<bool> {
+        self.reflectors_beat(device_id, beat, now_ms).await
+    }
+
+    async fn reflectors(&self) -> Result<Vec<super::ReflectorRecord>> {
+        self.reflectors_list().await
     }
 }
 
