@@ -243,6 +243,9 @@ fn merge(
     }
 }
 
+/// The appliance as the last source: `BlobSource::fetch` without reflectors.
+pub type Direct<'a> = dyn Fn(&[Id], &mut OnBlob<'_>) -> Result<(), RestoreError> + 'a;
+
 /// How one reflector's part of a fetch ended.
 enum End {
     /// Everything asked for was delivered.
@@ -264,7 +267,7 @@ impl Reflected {
         handle: &tokio::runtime::Handle,
         ids: &[Id],
         each: &mut OnBlob<'_>,
-        appliance: &dyn Fn(&[Id], &mut OnBlob<'_>) -> Result<(), RestoreError>,
+        appliance: &Direct<'_>,
     ) -> Result<(), RestoreError> {
         let mut seen = HashSet::with_capacity(ids.len());
         let ids: Vec<Id> = ids.iter().copied().filter(|id| seen.insert(*id)).collect();

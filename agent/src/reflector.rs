@@ -15,7 +15,7 @@
 pub mod cache;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -199,8 +199,12 @@ async fn serve_role(
 ) -> anyhow::Result<()> {
     let device = state.device()?;
     let tls = Arc::new(server_tls(state, control).await?);
-    let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], role.port)))
-        .await
+    // Both families where the host has IPv6 (Linux binds [::] dual-stack), IPv4 otherwise.
+    let listener =
+        match TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, role.port))).await {
+            Ok(l) => Ok(l),
+            Err(_) => TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], role.port))).await,
+        }
         .with_context(|| {
             format!(
                 "cannot listen on port {} (another program has it?); pick another with \

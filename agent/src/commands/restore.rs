@@ -122,15 +122,16 @@ impl BlobSource for ClientSource {
     fn fetch(&self, ids: &[Id], each: &mut OnBlob<'_>) -> Result<(), RestoreError> {
         match &self.reflectors {
             Some(r) => r.fetch(&self.handle, ids, each, &|ids, each| {
-                self.from_appliance(ids, each)
+                self.fetch_direct(ids, each)
             }),
-            None => self.from_appliance(ids, each),
+            None => self.fetch_direct(ids, each),
         }
     }
 }
 
 impl ClientSource {
-    fn from_appliance(&self, ids: &[Id], each: &mut OnBlob<'_>) -> Result<(), RestoreError> {
+    /// Straight from the appliance.
+    fn fetch_direct(&self, ids: &[Id], each: &mut OnBlob<'_>) -> Result<(), RestoreError> {
         self.handle.block_on(async {
             let mut stream = self
                 .client
