@@ -1,5 +1,5 @@
-//! Downloads through branch reflectors (DESIGN flow 5). Before a layer apply or a restore
-//! the agent gathers candidates — the appliance's list of live reflectors, plus those
+//! Downloads through branch reflectors (DESIGN flow 5). Before a layer apply (never a
+//! restore: a device's own data is not cached on a neighbour) the agent gathers candidates — the appliance's list of live reflectors, plus those
 //! answering over mDNS when that is on —, ranks them with `reflectors::rank` (the
 //! appliance's `reflector-selector` plugin or the built-in decides), and then fetches each
 //! batch of blobs from the best reflector, verifying every blob against its BLAKE3 id.

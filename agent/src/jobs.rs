@@ -112,13 +112,14 @@ impl RestoreRun<'_> {
     async fn engine(&self, req: Request) -> anyhow::Result<Stats> {
         let to = req.to.clone();
         let client = self.client.clone();
-        let reflectors = crate::distribution::discover(self.state, client.as_ref()).await;
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
+            // Restores carry a user's own data: straight from the appliance, never through
+            // a branch reflector, whose cache would keep it on another user's machine.
             let source = ClientSource {
                 client,
                 handle,
-                reflectors,
+                reflectors: None,
             };
             restore::restore(&source, &req)
         })

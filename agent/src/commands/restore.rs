@@ -36,15 +36,15 @@ pub async fn run(
     }
     let req = Request::new(snap.id.clone(), snap.root, subpath, to.to_path_buf());
     let started = Instant::now();
-    let reflectors = crate::distribution::discover(&state, &client).await;
     let handle = tokio::runtime::Handle::current();
     // The engine is blocking (file system work on its own threads); it reaches the network
-    // through this runtime.
+    // through this runtime. A restore is the device's own data: it never goes through a
+    // branch reflector, whose cache would keep it on another machine.
     let result = tokio::task::spawn_blocking(move || {
         let source = ClientSource {
             client: Arc::new(client),
             handle,
-            reflectors,
+            reflectors: None,
         };
         restore::restore(&source, &req)
     })
