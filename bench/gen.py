@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Generates benchmark endpoint trees with a fixed seed.
 
-gen.py base DIR [SCALE]        an OS-like base tree (~50k entries at SCALE 1)
+gen.py base DIR [SCALE [FILES [LARGE]]]
+                               an OS-like base tree: FILES files at SCALE 1 (default
+                               45000), LARGE per mille of them 1-8 MiB (default 3)
 gen.py user DIR N [SCALE]      user files unique to endpoint N, added into DIR
 gen.py change DIR [PERCENT]    changes PERCENT % (default 1) of the files in DIR: appended,
                                edited in the middle, added, deleted
@@ -40,20 +42,20 @@ def content(rng, size):
     return rng.randbytes(size)
 
 
-def size_of(rng):
+def size_of(rng, large=3):
     r = rng.random()
     if r < 0.65:
         return rng.randint(0, 4096)
     if r < 0.95:
         return rng.randint(4096, 65536)
-    if r < 0.997:
+    if r < 1 - large / 1000:
         return rng.randint(65536, 256 << 10)
     return rng.randint(1 << 20, 8 << 20)
 
 
-def base(root, scale):
+def base(root, scale, files=45000, large=3):
     rng = random.Random(20261125)
-    files = int(45000 * scale)
+    files = int(files * scale)
     dirs = [root]
     os.makedirs(root, exist_ok=True)
     for i in range(files):
@@ -64,7 +66,7 @@ def base(root, scale):
             dirs.append(d)
         d = rng.choice(dirs[-20:])
         with open(os.path.join(d, "f%06d" % i), "wb") as f:
-            f.write(content(rng, size_of(rng)))
+            f.write(content(rng, size_of(rng, large)))
         if i % 500 == 0:
             os.symlink("f%06d" % i, os.path.join(d, "l%06d" % i))
 
@@ -106,7 +108,9 @@ def change(root, percent):
 if __name__ == "__main__":
     cmd, target = sys.argv[1], sys.argv[2]
     if cmd == "base":
-        base(target, float(sys.argv[3]) if len(sys.argv) > 3 else 1.0)
+        base(target, float(sys.argv[3]) if len(sys.argv) > 3 else 1.0,
+             int(sys.argv[4]) if len(sys.argv) > 4 else 45000,
+             float(sys.argv[5]) if len(sys.argv) > 5 else 3)
     elif cmd == "user":
         user(target, int(sys.argv[3]), float(sys.argv[4]) if len(sys.argv) > 4 else 1.0)
     elif cmd == "change":

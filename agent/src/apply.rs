@@ -32,15 +32,19 @@ use morgana_core::Id;
 use morgana_core::control::{ApplyJob, DriverDelivery, FileOutcome, FileResults, Job, RuleSet};
 use morgana_core::image::{self, Flat};
 use morgana_core::pack::{BlobKind, Codec, Compression, DEFAULT_ZSTD_LEVEL};
+use morgana_core::plugin::layer::{MACHINE_IDENTITY, is_machine_identity};
 use morgana_core::policy::{Area, HOME_MACRO};
 use morgana_core::tree::{Content, Kind, Tree};
 use morgana_core::wire::BlobFrame;
 use serde::{Deserialize, Serialize};
 
+use crate::cache::{self, CacheReader, DirRecord, FileKey};
 use crate::client::Client;
 use crate::commands::restore::{ClientSource, human};
+use crate::delivered::Delivered;
 use crate::jobs::remove_any;
-use crate::restore::{self, BlobSource, Keep, OnBlob, Progress, Request, RestoreError};
+use crate::restore::{self, BlobSource, IdMap, Keep, OnBlob, Progress, Request, RestoreError};
+use crate::reuse::LocalChunks;
 use crate::state::{State, SyncLock};
 use crate::sync::sync_locked;
 
@@ -136,15 +140,37 @@ pub async fn run(
     let resuming = resumed.is_some();
     let job_id2 = job_id.to_owned();
     let reflectors = crate::distribution::discover(state, client).await;
+    let state2 = state.clone();
     let written = tokio::task::spawn_blocking(move || {
         let source = ClientSource {
             client: client2,
             handle,
             reflectors,
         };
-        let mut w = write_target(&source, &job2, &root2, &kept2, pre_root, live2, resuming)?;
-        deliver_drivers(&source, &root2, &job2.drivers, &job_id2, &mut w.results)
-            .map(|stats| w.stats.add(&stats))?;
+        let mut w = write_target(
+            &source,
+            &job2,
+            &root2,
+            &state2.dir,
+            &kept2,
+            pre_root,
+            live2,
+            resuming,
+        )?;
+        let before = w.results.unchanged;
+        // Counts what the drivers fetch beside what the layers did.
+        let counted = LocalChunks::none(&source);
+        let stats = deliver_drivers(
+            &counted,
+            &state2,
+            &root2,
+            &job2.drivers,
+            &job_id2,
+            &mut w.results,
+        )?;
+        w.stats.add(&stats);
+        w.fetched_raw_bytes += counted.counts.remote_raw_bytes.load(Ordering::Relaxed);
+        w.drivers_in_place = w.results.unchanged - before;
         Ok::<_, Failure>(w)
     })
     .await
@@ -209,12 +235,15 @@ pub async fn run(
     std::fs::remove_file(state.path(JOURNAL_FILE))
         .context("the layers are applied but the apply journal could not be removed")?;
     done.results.fetched_bytes = done.stats.fetched_bytes;
+    done.results.reused_bytes = done.reused_bytes;
+    done.results.fetched_raw_bytes = done.fetched_raw_bytes;
     done.results.written_bytes = done.stats.bytes;
     let r = &done.results;
     let message = format!(
         "{}layers applied (the state before is snapshot {}): {} added, {} replaced, {} \
          removed, {} kept, {} unchanged; {} files ({}) written, {} folders, {} fetched, {} \
-         driver sets delivered{}, {} leftovers of an interrupted apply cleaned",
+         taken from the device's own files, {} driver sets delivered ({} already in \
+         place){}, {} leftovers of an interrupted apply cleaned",
         if resuming {
             "interrupted apply resumed: "
         } else {
@@ -230,7 +259,9 @@ pub async fn run(
         human(done.stats.bytes),
         done.stats.dirs,
         human(done.stats.fetched_bytes),
-        job.drivers.len(),
+        human(done.reused_bytes),
+        job.drivers.len() as u64 - done.drivers_in_place,
+        done.drivers_in_place,
         if identity.is_empty() {
             String::new()
         } else {
@@ -243,11 +274,14 @@ pub async fn run(
     Ok(message)
 }
 
-/// Machine identity a device needs and layers never carry: a fresh `/etc/machine-id` (in
-/// systemd's format, a random v4 UUID as 32 hex digits) and `/etc/hostname` (the enrolled
-/// hostname), each written only when the device has none, so a provisioned empty device
-/// gets its own and an existing one keeps its own. SSH host keys are not made here: sshd's
-/// first start (`ssh-keygen -A` in Debian's unit) generates them on the device itself.
+/// Machine identity a device needs and layers never carry (the paths are the layer rules'
+/// `MACHINE_IDENTITY`): a fresh `/etc/machine-id` (in systemd's format, a random v4 UUID
+/// as 32 hex digits), `/var/lib/dbus/machine-id` holding the same id (D-Bus requires the
+/// two to agree; written only where D-Bus is installed, i.e. `/var/lib/dbus` exists) and
+/// `/etc/hostname` (the enrolled hostname), each written only when the device has none, so
+/// a provisioned empty device gets its own and an existing one keeps its own. SSH host keys
+/// are not made here: sshd's first start (`ssh-keygen -A` in Debian's unit) generates them
+/// on the device itself.
 fn provide_identity(
     root: &Path,
     hostname: &str,
@@ -275,19 +309,32 @@ fn provide_identity(
             .and_then(|()| f.sync_all())
             .with_context(|| format!("cannot write {}", path.display()))
     };
-    if missing("etc/machine-id") {
-        write("etc/machine-id", machine_id().as_bytes(), 0o444)?;
-        given.push((
-            "/etc/machine-id",
-            "the device's own identity: a fresh machine id",
-        ));
-    }
-    if !hostname.is_empty() && missing("etc/hostname") {
-        write("etc/hostname", format!("{hostname}\n").as_bytes(), 0o644)?;
-        given.push((
-            "/etc/hostname",
-            "the device's own identity: its enrolled hostname",
-        ));
+    for &path in MACHINE_IDENTITY {
+        let rel = path.trim_start_matches('/');
+        if !missing(rel) {
+            continue;
+        }
+        match path {
+            "/etc/machine-id" => {
+                write(rel, machine_id().as_bytes(), 0o444)?;
+                given.push((path, "the device's own identity: a fresh machine id"));
+            }
+            "/var/lib/dbus/machine-id" => {
+                if !root.join("var/lib/dbus").is_dir() {
+                    continue;
+                }
+                // The list puts /etc/machine-id first: it exists by now.
+                let id = std::fs::read(root.join("etc/machine-id"))
+                    .context("cannot read /etc/machine-id to give D-Bus the same id")?;
+                write(rel, &id, 0o444)?;
+                given.push((path, "the device's own identity: its machine id, for D-Bus"));
+            }
+            "/etc/hostname" if !hostname.is_empty() => {
+                write(rel, format!("{hostname}\n").as_bytes(), 0o644)?;
+                given.push((path, "the device's own identity: its enrolled hostname"));
+            }
+            _ => {}
+        }
     }
     Ok(given)
 }
@@ -305,15 +352,18 @@ fn machine_id() -> String {
 }
 
 /// Each driver set into its folder (as seen from the protected root): restored into a
-/// staging folder beside it, then renamed over what the folder held (blocking).
+/// staging folder beside it, then renamed over what the folder held (blocking). A folder
+/// that holds its set exactly as this agent delivered it is left alone.
 pub(crate) fn deliver_drivers(
     source: &dyn BlobSource,
+    state: &State,
     root: &Path,
     drivers: &[DriverDelivery],
     job_id: &str,
     results: &mut FileResults,
 ) -> Result<restore::Stats, Failure> {
     let mut total = restore::Stats::default();
+    let mut delivered = Delivered::load(state);
     for d in drivers {
         let fail = |error: anyhow::Error| Failure {
             path: d.target.clone(),
@@ -334,6 +384,10 @@ pub(crate) fn deliver_drivers(
             )));
         }
         let dest = root.join(rel);
+        if delivered.holds(&d.target, &d.root, &dest) {
+            results.unchanged += 1;
+            continue;
+        }
         let parent = dest.parent().unwrap_or(root).to_path_buf();
         let staging = parent.join(format!(".morgana-job-{job_id}-{}", d.set));
         let placed = (|| -> anyhow::Result<(restore::Stats, bool)> {
@@ -368,6 +422,8 @@ pub(crate) fn deliver_drivers(
             }
         };
         total.add(&stats);
+        delivered.record(&d.target, &d.set, d.version, &d.root, &dest);
+        delivered.save(state).map_err(fail)?;
         results.push(
             d.target.clone(),
             if had {
@@ -449,6 +505,9 @@ impl Kept {
         let mut abs = Vec::with_capacity(rel.len() + 1);
         abs.push(b'/');
         abs.extend_from_slice(rel);
+        if std::str::from_utf8(&abs).is_ok_and(is_machine_identity) {
+            return Some("the device's machine identity");
+        }
         if self
             .do_not_override
             .iter()
@@ -471,13 +530,21 @@ struct Written {
     stats: restore::Stats,
     cleaned: u64,
     results: FileResults,
+    /// Chunk bytes read from the device's own files instead of fetched.
+    reused_bytes: u64,
+    /// Raw (decompressed) bytes of the chunks fetched.
+    fetched_raw_bytes: u64,
+    /// Driver sets whose folders already held them.
+    drivers_in_place: u64,
 }
 
 /// Builds the target and writes what differs from the device over the root (blocking).
+#[allow(clippy::too_many_arguments)] // one call site, each argument a different thing
 fn write_target(
-    source: &ClientSource,
+    source: &dyn BlobSource,
     job: &ApplyJob,
     root: &Path,
+    state_dir: &Path,
     kept: &Arc<Kept>,
     pre_root: Option<Id>,
     live: Arc<Progress>,
@@ -510,21 +577,48 @@ fn write_target(
             "on the do-not-override list".into(),
         );
     }
-    let unchanged = classify(root, &target, &device, kept, &mut results);
+    let unchanged = classify(
+        root,
+        &target,
+        &device,
+        kept,
+        CacheReader::open(state_dir, root),
+        &mut results,
+    );
     // The restore engine counts each regular file it writes; these are the ones it will.
-    let (files_total, bytes_total) = target
-        .iter()
-        .filter(|(path, e)| {
-            let rel = path.strip_prefix(b"/").unwrap_or(path);
-            e.kind == Some(Kind::File) && !unchanged.contains(rel) && kept.reason(rel).is_none()
-        })
-        .fold((0u64, 0u64), |(n, b), (_, e)| (n + 1, b + e.size));
+    let (mut files_total, mut bytes_total) = (0u64, 0u64);
+    let mut wanted = IdMap::default();
+    let mut replaced = Vec::new();
+    for (path, e) in &target {
+        let rel = path.strip_prefix(b"/").unwrap_or(path);
+        if e.kind != Some(Kind::File) || unchanged.contains(rel) || kept.reason(rel).is_some() {
+            continue;
+        }
+        files_total += 1;
+        bytes_total += e.size;
+        if let Content::Chunks { chunks, .. } = &e.content {
+            wanted.extend(chunks.iter().map(|c| (*c, ())));
+        }
+        if device.contains_key(path) {
+            replaced.push(path.as_slice());
+        }
+    }
     live.files_total.store(files_total, Ordering::Relaxed);
     live.bytes_total.store(bytes_total, Ordering::Relaxed);
+    let (local, found) = LocalChunks::index(source, root, &device, &replaced, &wanted);
+    tracing::info!(
+        files_read = found.files_read,
+        bytes_read = found.bytes_read,
+        "{} of {} chunks to write are on the device already ({} bytes)",
+        found.chunks,
+        wanted.len(),
+        found.bytes
+    );
+    drop((wanted, replaced, device));
     let (tree_root, trees) = image::build(&target);
     let source = WithTrees {
         trees: trees.into_iter().map(|(id, t)| (id, t.encode())).collect(),
-        inner: source,
+        inner: &local,
     };
     let mut req = Request::new(
         format!("layers {} + {} app layers", job.base.name, job.apps.len()),
@@ -537,7 +631,7 @@ fn write_target(
         unchanged.contains(rel) || kept2.reason(rel).is_some()
     })));
     req.progress = Some(live);
-    let stats = match restore::restore(&source, &req) {
+    let mut stats = match restore::restore(&source, &req) {
         Ok(s) => s,
         Err(e) => {
             let path = e.path().map_or_else(
@@ -561,6 +655,10 @@ fn write_target(
             });
         }
     };
+    // The engine counted local chunks as fetched: only what came over the network is.
+    stats.fetched_bytes = local.counts.remote_stored_bytes.load(Ordering::Relaxed);
+    let reused_bytes = local.counts.local_bytes.load(Ordering::Relaxed);
+    let fetched_raw_bytes = local.counts.remote_raw_bytes.load(Ordering::Relaxed);
     let cleaned = if resuming {
         clean_leftovers(root, &target).map_err(fail)?
     } else {
@@ -570,23 +668,37 @@ fn write_target(
         stats,
         cleaned,
         results,
+        reused_bytes,
+        fetched_raw_bytes,
+        drivers_in_place: 0,
     })
 }
+
+/// A file awaiting the files cache's word: (folder, name, stat key now, path).
+type Vouch<'a> = (&'a [u8], &'a [u8], FileKey, &'a Vec<u8>);
 
 /// Sorts every non-directory path of `target` into added, replaced, kept or unchanged;
 /// returns the unchanged ones (relative to the root), which the write leaves alone. A path
 /// is unchanged when the pre-layer-update snapshot (`device`) holds the layers' content,
-/// owner, mode and mtime there and the file on disk still has that snapshot's size, mtime
-/// and kind.
+/// owner, mode and mtime there and the device still holds what the snapshot saw: a symlink
+/// its target, a file the stat key (size, mtime, ctime, inode, device) the files cache
+/// recorded with that content. Size and mtime alone are not enough (a file rewritten in
+/// place and given its old mtime back keeps both, but not its ctime); a file the cache
+/// cannot vouch for is written again, which costs little since its unchanged chunks are
+/// read from the device.
 fn classify(
     root: &Path,
     target: &Flat,
     device: &Flat,
     kept: &Kept,
+    cache: Option<CacheReader>,
     results: &mut FileResults,
 ) -> HashSet<Vec<u8>> {
     use std::os::unix::fs::MetadataExt;
     let mut unchanged = HashSet::new();
+    // Files the snapshot says are as the layers want them, until the cache vouches for
+    // them.
+    let mut vouch: Vec<Vouch<'_>> = Vec::new();
     for (path, entry) in target {
         if entry.kind == Some(Kind::Dir) {
             continue;
@@ -596,8 +708,8 @@ fn classify(
             results.push(restore::show(path), FileOutcome::Kept, why.to_owned());
             continue;
         }
-        let on_disk = std::fs::symlink_metadata(root.join(std::ffi::OsStr::from_bytes(rel))).ok();
-        let Some(meta) = on_disk else {
+        let full = root.join(std::ffi::OsStr::from_bytes(rel));
+        let Ok(meta) = std::fs::symlink_metadata(&full) else {
             results.push(restore::show(path), FileOutcome::Added, String::new());
             continue;
         };
@@ -616,9 +728,43 @@ fn classify(
                     || (meta.size() == had.size
                         && meta.mtime() * 1_000_000_000 + meta.mtime_nsec() == had.mtime_ns))
         });
-        if same {
+        if same && entry.kind == Some(Kind::Symlink) {
+            if std::fs::read_link(&full)
+                .is_ok_and(|t| t.as_os_str().as_bytes() == entry.symlink_target.as_slice())
+            {
+                results.unchanged += 1;
+                unchanged.insert(rel.to_vec());
+                continue;
+            }
+        } else if same && entry.kind == Some(Kind::File) {
+            let (dir, name) = match rel.iter().rposition(|&c| c == b'/') {
+                Some(i) => (&rel[..i], &rel[i + 1..]),
+                None => (&b""[..], rel),
+            };
+            vouch.push((dir, name, crate::scan::Stat::of(&meta).key(), path));
+            continue;
+        } else if same {
             results.unchanged += 1;
             unchanged.insert(rel.to_vec());
+            continue;
+        }
+        results.push(restore::show(path), FileOutcome::Replaced, String::new());
+    }
+    // The cache is read in walk order: one folder's record at a time.
+    vouch.sort_by(|a, b| cache::post_order(a.0, b.0).then_with(|| a.1.cmp(b.1)));
+    let mut cache = cache;
+    let mut record: Option<(&[u8], Option<DirRecord>)> = None;
+    for (dir, name, key, path) in vouch {
+        if record.as_ref().is_none_or(|(d, _)| *d != dir) {
+            record = Some((dir, cache.as_mut().and_then(|c| c.lookup(dir))));
+        }
+        let cached = record
+            .as_ref()
+            .and_then(|(_, r)| r.as_ref())
+            .and_then(|r| r.content(name, &key));
+        if cached.is_some_and(|c| device.get(path).is_some_and(|had| had.content == *c)) {
+            results.unchanged += 1;
+            unchanged.insert(path.strip_prefix(b"/").unwrap_or(path).to_vec());
         } else {
             results.push(restore::show(path), FileOutcome::Replaced, String::new());
         }
@@ -710,7 +856,7 @@ fn load_trees(
 /// The appliance's blobs, plus the target's directory trees built here.
 struct WithTrees<'a> {
     trees: HashMap<Id, Vec<u8>>,
-    inner: &'a ClientSource,
+    inner: &'a dyn BlobSource,
 }
 
 impl BlobSource for WithTrees<'_> {
@@ -738,5 +884,123 @@ impl BlobSource for WithTrees<'_> {
             start = end;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use morgana_core::testdata::noise;
+    use morgana_core::tree::Entry;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    fn kept() -> Kept {
+        Kept {
+            state_rel: None,
+            unprotected: Area::unprotected(&RuleSet::default()).unwrap(),
+            user: Area::compile(&RuleSet::default()).unwrap(),
+            do_not_override: Vec::new(),
+            drivers: Vec::new(),
+        }
+    }
+
+    /// The entry a scan of `path` would make now, with `data`'s content.
+    fn scanned(path: &Path, data: &[u8]) -> Entry {
+        let m = std::fs::symlink_metadata(path).unwrap();
+        let id = Id::of(data);
+        Entry {
+            name: path.file_name().unwrap().as_bytes().to_vec(),
+            kind: Some(Kind::File),
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            size: m.size(),
+            content: Content::Chunks {
+                file: id,
+                chunks: vec![id],
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_file_rewritten_in_place_with_its_size_and_mtime_kept_is_not_unchanged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, state) = (tmp.path().join("root"), tmp.path().join("state"));
+        std::fs::create_dir_all(root.join("usr")).unwrap();
+        std::fs::create_dir(&state).unwrap();
+        let (a, b) = (noise(5000, 1), noise(5000, 2));
+        std::fs::write(root.join("usr/a"), &a).unwrap();
+        std::fs::write(root.join("usr/b"), &b).unwrap();
+        let ea = scanned(&root.join("usr/a"), &a);
+        let eb = scanned(&root.join("usr/b"), &b);
+        // The pre-layer-update snapshot saw both, and its files cache recorded their keys.
+        let key = |p: &str| {
+            crate::scan::Stat::of(&std::fs::symlink_metadata(root.join(p)).unwrap()).key()
+        };
+        let mut w = cache::CacheWriter::create(&state, &root).unwrap();
+        let (ka, kb) = (key("usr/a"), key("usr/b"));
+        w.write_dir(
+            b"usr",
+            Id::of(b"tree"),
+            &[ea.clone(), eb.clone()],
+            &[Some(ka), Some(kb)],
+        )
+        .unwrap();
+        w.finish().unwrap().install().unwrap();
+        let usr = Entry {
+            name: b"usr".to_vec(),
+            kind: Some(Kind::Dir),
+            mode: 0o755,
+            ..Default::default()
+        };
+        let device: Flat = [
+            (b"/usr".to_vec(), usr),
+            (b"/usr/a".to_vec(), ea.clone()),
+            (b"/usr/b".to_vec(), eb.clone()),
+        ]
+        .into();
+        // The layers want exactly what the snapshot saw.
+        let target = device.clone();
+        let unchanged = |cache| {
+            let mut results = FileResults::default();
+            let u = classify(&root, &target, &device, &kept(), cache, &mut results);
+            let mut u: Vec<_> = u.into_iter().collect();
+            u.sort();
+            (u, results)
+        };
+        let (u, r) = unchanged(CacheReader::open(&state, &root));
+        assert_eq!(u, [b"usr/a".to_vec(), b"usr/b".to_vec()]);
+        assert_eq!((r.unchanged, r.replaced), (2, 0));
+
+        // `a` is rewritten in place after the snapshot, same size, its mtime put back.
+        // File times advance by clock ticks: let one pass so the rewrite gets another ctime.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(root.join("usr/a"))
+            .unwrap();
+        f.write_all_at(&noise(5000, 3), 0).unwrap();
+        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ea.mtime_ns as u64))
+            .unwrap();
+        let f = std::fs::File::open(root.join("usr/a")).unwrap();
+        let m = f.metadata().unwrap();
+        assert_eq!(
+            (m.size(), m.mtime() * 1_000_000_000 + m.mtime_nsec()),
+            (ea.size, ea.mtime_ns),
+            "size and mtime look unchanged"
+        );
+        let (u, r) = unchanged(CacheReader::open(&state, &root));
+        assert_eq!(
+            u,
+            [b"usr/b".to_vec()],
+            "the rewritten file is written again"
+        );
+        assert_eq!((r.unchanged, r.replaced), (1, 1));
+
+        // Without a files cache nothing vouches for the files: both are written again.
+        let (u, _) = unchanged(None);
+        assert!(u.is_empty(), "{u:?}");
     }
 }

@@ -293,14 +293,16 @@ impl RestoreRun<'_> {
         req.keep = Some(keep);
         let mut stats = self.engine(req).await?;
         // Onto new hardware: the device's own drivers, not the snapshot's machine's.
+        let mut in_place = 0;
         if !self.r.drivers.is_empty() {
             let (client, handle) = (self.client.clone(), tokio::runtime::Handle::current());
-            let (root, drivers, job_id) = (
+            let (root, drivers, job_id, state) = (
                 root.to_path_buf(),
                 self.r.drivers.clone(),
                 self.job_id.to_owned(),
+                self.state.clone(),
             );
-            let delivered = tokio::task::spawn_blocking(move || {
+            let (delivered, placed) = tokio::task::spawn_blocking(move || {
                 let mut results = morgana_core::control::FileResults::default();
                 crate::apply::deliver_drivers(
                     &ClientSource {
@@ -308,11 +310,13 @@ impl RestoreRun<'_> {
                         handle,
                         reflectors: None,
                     },
+                    &state,
                     &root,
                     &drivers,
                     &job_id,
                     &mut results,
                 )
+                .map(|stats| (stats, results.unchanged))
                 .map_err(|f| {
                     f.error
                         .context(format!("delivering drivers into {}", f.path))
@@ -321,6 +325,7 @@ impl RestoreRun<'_> {
             .await
             .context("the driver delivery thread stopped unexpectedly")??;
             stats.add(&delivered);
+            in_place = placed;
         }
         let what = match scope {
             RestoreScope::SystemOnly => "system-only revert (user data kept)",
@@ -334,7 +339,11 @@ impl RestoreRun<'_> {
             if self.r.drivers.is_empty() {
                 String::new()
             } else {
-                format!(", {} driver sets delivered", self.r.drivers.len())
+                format!(
+                    ", {} driver sets delivered ({} already in place)",
+                    self.r.drivers.len() as u64 - in_place,
+                    in_place
+                )
             }
         ))
     }

@@ -414,6 +414,12 @@ pub struct FileResults {
     pub fetched_bytes: u64,
     #[serde(default)]
     pub written_bytes: u64,
+    /// The fetched chunks' raw (decompressed) bytes.
+    #[serde(default)]
+    pub fetched_raw_bytes: u64,
+    /// Chunk bytes the device's own files already held (read there, not fetched).
+    #[serde(default)]
+    pub reused_bytes: u64,
     pub files: Vec<FileResult>,
     /// Entries counted above but not listed.
     #[serde(default)]

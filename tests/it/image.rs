@@ -396,7 +396,14 @@ fn an_empty_device_is_provisioned_from_layers_with_its_own_identity() -> Result<
     )?;
     write(&refroot, "etc/app.conf", b"level = 1\n")?;
     write(&refroot, "usr/bin/tool", &noise(200_000, 1))?;
+    write(&refroot, "usr/lib/big.so", &noise(2_000_000, 5))?;
     write(&refroot, "var/lib/dpkg/status", &dpkg("7.88.1-10"))?;
+    write(
+        &refroot,
+        "var/lib/dbus/machine-id",
+        b"0123456789abcdef0123456789abcdef\n",
+    )?;
+    write(&refroot, "var/lib/dbus/README", b"D-Bus is installed\n")?;
     write(&refroot, "home/admin/notes.txt", b"reference notes")?;
     let reference = Agent::enroll(&appliance, &refroot, &t.join("ref-state"))?;
     let before = reference.sync()?["snapshot"].as_str().unwrap().to_owned();
@@ -548,6 +555,16 @@ fn an_empty_device_is_provisioned_from_layers_with_its_own_identity() -> Result<
     let hostname = got.get("etc/hostname").context("no /etc/hostname")?.clone();
     want.insert("etc/machine-id".into(), machine_id.clone());
     want.insert("etc/hostname".into(), hostname.clone());
+    // D-Bus's copy of the machine id is identity too: the device's own, not the reference's.
+    let dbus_id = got
+        .get("var/lib/dbus/machine-id")
+        .context("no /var/lib/dbus/machine-id")?
+        .clone();
+    ensure!(
+        dbus_id == machine_id,
+        "D-Bus's machine id differs from /etc/machine-id"
+    );
+    want.insert("var/lib/dbus/machine-id".into(), dbus_id);
     ensure!(
         got.keys().collect::<Vec<_>>() == want.keys().collect::<Vec<_>>(),
         "{:?}",
@@ -599,8 +616,16 @@ fn an_empty_device_is_provisioned_from_layers_with_its_own_identity() -> Result<
     let text = morgana_ok(&appliance, &["layer", "status", "--device", &id, "--files"])?;
     ensure!(text.contains("added     /usr/bin/tool"), "{text}");
 
-    // A second apply of the same layers writes no layer file: every one is unchanged, the
-    // identity stays the device's; the driver set is delivered again, whole.
+    // A second apply of the same layers writes nothing: every layer file is unchanged, the
+    // identity stays the device's, and the driver folder, which holds its set as delivered,
+    // is left alone.
+    let nic = root.join("opt/morgana/drivers/nic");
+    let stat = |p: &Path| -> Result<(u64, i64, i64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::symlink_metadata(p)?;
+        Ok((m.ino(), m.mtime(), m.mtime_nsec()))
+    };
+    let drivers_before = (stat(&nic)?, stat(&nic.join("e1000e.ko"))?);
     agent.sync()?;
     let out: Value = serde_json::from_str(&morgana_ok(
         &appliance,
@@ -619,7 +644,7 @@ fn an_empty_device_is_provisioned_from_layers_with_its_own_identity() -> Result<
     )?)?;
     let r = &st["files"]["results"];
     ensure!(
-        r["added"] == 0 && r["replaced"] == 1 && r["written_bytes"] == 90_000,
+        r["added"] == 0 && r["replaced"] == 0 && r["written_bytes"] == 0 && r["fetched_bytes"] == 0,
         "{r}"
     );
     ensure!(
@@ -629,6 +654,59 @@ fn an_empty_device_is_provisioned_from_layers_with_its_own_identity() -> Result<
     ensure!(
         contents(&root)? == got,
         "a repeated apply changed the device"
+    );
+    ensure!(
+        (stat(&nic)?, stat(&nic.join("e1000e.ko"))?) == drivers_before,
+        "the driver folder was written again"
+    );
+
+    // A base update that changes the middle of a large file downloads only the changed
+    // chunks (the rest is read from the file the device holds); a new version of the driver
+    // set is delivered.
+    let mut big = noise(2_000_000, 5);
+    big[1_000_000..1_000_100].copy_from_slice(&noise(100, 6));
+    write(&refroot, "usr/lib/big.so", &big)?;
+    reference.sync()?;
+    morgana_ok(
+        &appliance,
+        &["layer", "capture-base", "base", "--device", &ref_id],
+    )?;
+    write(&lib, "nic/e1000e.ko", &noise(90_000, 7))?;
+    morgana_ok(
+        &appliance,
+        &["driver", "import", "nic", lib.join("nic").to_str().unwrap()],
+    )?;
+    agent.sync()?;
+    let assign = |extra: &[&str]| -> Result<Value> {
+        let mut args = vec![
+            "layer", "assign", "--device", &id, "--base", "base", "--app", "app", "--json",
+        ];
+        args.extend(extra);
+        Ok(serde_json::from_str(&morgana_ok(&appliance, &args)?)?)
+    };
+    let dry = assign(&["--dry-run"])?;
+    let changed = dry["devices"][0]["download_bytes"].as_u64().unwrap();
+    ensure!(changed > 0 && changed < 600_000, "{dry}");
+    let out = assign(&[])?;
+    wait_ok(
+        &appliance,
+        &daemon,
+        out["devices"][0]["job"].as_str().unwrap(),
+    )?;
+    let st: Value = serde_json::from_str(&morgana_ok(
+        &appliance,
+        &["layer", "status", "--device", &id, "--files", "--json"],
+    )?)?;
+    let r = &st["files"]["results"];
+    ensure!(fs::read(root.join("usr/lib/big.so"))? == big);
+    ensure!(fs::read(nic.join("e1000e.ko"))? == noise(90_000, 7));
+    ensure!(r["replaced"] == 2 && r["added"] == 0, "{r}");
+    // Noise does not compress: chunks are stored as they are. The driver set is new.
+    let fetched = r["fetched_bytes"].as_u64().unwrap();
+    ensure!(fetched <= changed + 90_000, "fetched {fetched}: {r}");
+    ensure!(
+        r["reused_bytes"].as_u64().unwrap() >= 2_000_000 - changed,
+        "{r}"
     );
     daemon.stop()?;
     Ok(())

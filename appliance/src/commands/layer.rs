@@ -689,7 +689,8 @@ async fn status(
     };
     println!(
         "apply job {} ({state}): {} added, {} replaced, {} removed, {} kept, {} unchanged, {} \
-         failed; {} bytes fetched, {} bytes written",
+         failed; {} bytes fetched, {} bytes of chunks the device already held, {} bytes \
+         written",
         job.id,
         r.added,
         r.replaced,
@@ -698,6 +699,7 @@ async fn status(
         r.unchanged,
         r.failed,
         r.fetched_bytes,
+        r.reused_bytes,
         r.written_bytes
     );
     for f in &r.files {

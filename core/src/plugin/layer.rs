@@ -8,13 +8,20 @@ use super::types::{
 use super::{LayerRules, PluginError};
 
 /// Files that identify one machine: cloning them would give every device the same identity.
-const MACHINE_IDENTITY: &[&str] = &[
+/// Layers leave them out, an apply never writes over them, and a device being provisioned
+/// is given its own of those it lacks (the agent makes machine ids and the hostname).
+pub const MACHINE_IDENTITY: &[&str] = &[
     "/etc/machine-id",
     "/var/lib/dbus/machine-id",
     "/etc/hostname",
 ];
-/// Directories whose whole contents are per-device identity.
-const MACHINE_IDENTITY_PREFIX: &[&str] = &["/etc/ssh/ssh_host_"];
+/// Name prefixes of per-device identity files (SSH host keys: sshd makes its own).
+pub const MACHINE_IDENTITY_PREFIX: &[&str] = &["/etc/ssh/ssh_host_"];
+
+/// Whether `path` (absolute) is machine identity.
+pub fn is_machine_identity(path: &str) -> bool {
+    MACHINE_IDENTITY.contains(&path) || MACHINE_IDENTITY_PREFIX.iter().any(|p| path.starts_with(p))
+}
 const USER_AREAS: &[&str] = &["/home", "/root"];
 /// Beside the factory unprotected area (kernel and runtime file systems, temporary files,
 /// caches, swap, the agent's state: never uploaded, so never in a layer either), what is
@@ -51,9 +58,7 @@ fn under(path: &str, prefix: &str) -> bool {
 
 /// The disposition of one absolute path.
 pub fn classify_path(path: &str) -> Disposition {
-    let (kind, conflict) = if MACHINE_IDENTITY.contains(&path)
-        || MACHINE_IDENTITY_PREFIX.iter().any(|p| path.starts_with(p))
-    {
+    let (kind, conflict) = if is_machine_identity(path) {
         (DispositionKind::MachineIdentity, ConflictPolicy::KeepDevice)
     } else if USER_AREAS.iter().any(|p| under(path, p)) {
         (DispositionKind::UserArea, ConflictPolicy::KeepDevice)
@@ -130,6 +135,8 @@ mod tests {
         for (path, kind, conflict) in [
             ("/etc/machine-id", MachineIdentity, KeepDevice),
             ("/etc/hostname", MachineIdentity, KeepDevice),
+            ("/var/lib/dbus/machine-id", MachineIdentity, KeepDevice),
+            ("/var/lib/dbus", Layer, LayerWins),
             ("/etc/ssh/ssh_host_ed25519_key", MachineIdentity, KeepDevice),
             ("/etc/ssh/ssh_host_rsa_key.pub", MachineIdentity, KeepDevice),
             ("/etc/ssh/sshd_config", Layer, LayerWins),
