@@ -154,6 +154,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
+    morgana_core::memory::keep_freed_buffers();
     rustls::crypto::ring::default_provider()
         .install_default()
         .expect("no other crypto provider is installed");

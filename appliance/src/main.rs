@@ -94,6 +94,7 @@ enum Command {
 const EXIT_FAILURE: u8 = 2;
 
 fn main() -> ExitCode {
+    morgana_core::memory::keep_freed_buffers();
     // ring is the only crypto provider compiled in; rustls must be told before first use.
     let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()

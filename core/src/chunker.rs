@@ -116,12 +116,13 @@ impl Chunker {
             }
             let data = &self.buf[..filled];
             let mut consumed = 0;
-            for c in fastcdc::v2020::FastCDC::new(data, min as usize, avg as usize, max as usize) {
+            let mut cuts =
+                fastcdc::v2020::FastCDC::new(data, min as usize, avg as usize, max as usize);
+            // A cut needs at most `max` bytes ahead of the chunk's start; with fewer, wait for
+            // the next read rather than scan bytes that would be scanned again.
+            while eof || filled - consumed >= max as usize {
+                let Some(c) = cuts.next() else { break };
                 let end = c.offset + c.length;
-                // A chunk touching the end of a partial buffer may grow with more data.
-                if end == filled && !eof {
-                    break;
-                }
                 let bytes = &data[c.offset..end];
                 let id = Id::of(bytes);
                 file_id.push(&id);
@@ -186,6 +187,46 @@ mod tests {
             .map(|c| c.length)
             .collect();
         assert_eq!(la, reference);
+    }
+
+    #[test]
+    fn cuts_where_the_reference_crate_cuts_whatever_the_read_sizes() {
+        let p = ChunkerParams::default();
+        let (min, avg, max) = (p.min as usize, p.avg as usize, p.max as usize);
+        let noisy = noise(3 * max + 4099, 11);
+        // Zeros never match a mask, so every chunk ends at `max`; the mix puts cuts after it.
+        let mut mixed = vec![0u8; 2 * max + 3];
+        mixed.extend_from_slice(&noisy[..max + avg]);
+        for data in [&noisy[..], &mixed[..]] {
+            for len in [
+                0,
+                1,
+                2,
+                min - 1,
+                min,
+                min + 1,
+                avg - 1,
+                avg + 1,
+                max - 1,
+                max,
+                max + 1,
+                2 * max + 1,
+                data.len(),
+            ] {
+                let data = &data[..len];
+                let reference: Vec<usize> = fastcdc::v2020::FastCDC::new(data, min, avg, max)
+                    .map(|c| c.length)
+                    .collect();
+                for read_size in [1, 4097, super::SEGMENT - 1, usize::MAX] {
+                    if read_size == 1 && len > max + 1 {
+                        continue; // slow in a debug build, and covered by the smaller lengths
+                    }
+                    let (r, lens) = collect(p, data, read_size);
+                    assert_eq!(lens, reference, "len {len}, reads of {read_size}");
+                    assert_eq!(r.size, len as u64);
+                }
+            }
+        }
     }
 
     #[test]

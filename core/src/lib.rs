@@ -8,6 +8,7 @@ pub mod dpkg;
 pub mod duration;
 pub mod id;
 pub mod image;
+pub mod memory;
 pub mod pack;
 pub mod plugin;
 pub mod policy;
