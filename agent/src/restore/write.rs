@@ -4,7 +4,9 @@
 //! creates every entry as (directory descriptor, name): nothing is ever looked up through
 //! a path that a symlink could redirect. A chunked file is written under a temporary name
 //! in its directory and renamed into place only after every chunk verified and the
-//! whole-file id matched; on failure the temporary file is removed.
+//! whole-file id matched; on failure the temporary file is removed. In a directory this
+//! restore created (or a target that was empty), no name can be taken, so files are
+//! written under their own names: a rename is the costliest step of a small file.
 //!
 //! Metadata order matters: owner first (chown clears setuid/setgid and file
 //! capabilities), then xattrs, then mode, then mtime last (everything before touches it);
@@ -37,7 +39,9 @@ const WARNINGS_SHOWN: u64 = 20;
 struct OpenFile {
     node: Arc<Node>,
     file: File,
-    tmp: CString,
+    /// Its name in its directory: a temporary one when `staged`, else its own.
+    created: CString,
+    staged: bool,
     /// Where the next chunk goes.
     offset: u64,
     /// End of the last bytes actually written: holes at the end need a `set_len`.
@@ -69,14 +73,55 @@ impl Tally {
 
 pub(super) struct Writer<'a> {
     root: Dir,
+    /// The target held nothing when the restore began.
+    root_fresh: bool,
     /// Open directories from below `--to` to the current one.
-    stack: Vec<(Dir, Arc<Node>)>,
+    stack: Vec<OpenDir>,
     current: Option<OpenFile>,
     zeros: &'a ZeroChunks,
     as_root: bool,
     tally: Tally,
     tmp_seq: u64,
     prune: Option<Prune>,
+}
+
+struct OpenDir {
+    dir: Dir,
+    node: Arc<Node>,
+    /// Created by this restore: it holds only what the restore wrote into it.
+    fresh: bool,
+}
+
+/// Owner and mode of a file just created, as the kernel set them (umask, default ACLs and
+/// setgid directories all play a part): metadata calls that would change nothing are
+/// skipped, since each one dirties the inode in the journal.
+#[derive(Clone, Copy)]
+struct AsCreated {
+    uid: u32,
+    gid: u32,
+    mode: u32,
+}
+
+impl AsCreated {
+    fn of(f: &File) -> io::Result<AsCreated> {
+        use std::os::unix::fs::MetadataExt;
+        let m = f.metadata()?;
+        Ok(AsCreated {
+            uid: m.uid(),
+            gid: m.gid(),
+            mode: m.mode() & 0o7777,
+        })
+    }
+}
+
+/// The mode to create a file with: its own, unless it has setuid, setgid or sticky bits,
+/// which must wait until the owner is set (chown clears them).
+fn create_mode(e: &Entry) -> u32 {
+    if e.mode & 0o7000 == 0 {
+        e.mode & 0o777
+    } else {
+        0o600
+    }
 }
 
 /// Pruning: directories at or below `from` end up holding exactly the snapshot's entries.
@@ -129,8 +174,12 @@ fn create_replacing<T>(
 
 impl<'a> Writer<'a> {
     pub(super) fn new(root: Dir, zeros: &'a ZeroChunks, opts: WriterOptions) -> Writer<'a> {
+        // Unreadable counts as not empty: files are then staged, which is always safe.
+        let root_fresh = std::fs::read_dir(root.proc_path(c"."))
+            .is_ok_and(|mut listing| listing.next().is_none());
         Writer {
             root,
+            root_fresh,
             stack: Vec::new(),
             current: None,
             zeros,
@@ -230,7 +279,12 @@ impl<'a> Writer<'a> {
     }
 
     fn top(&self) -> &Dir {
-        self.stack.last().map_or(&self.root, |(d, _)| d)
+        self.stack.last().map_or(&self.root, |d| &d.dir)
+    }
+
+    /// Whether the current directory was empty when the restore began.
+    fn top_fresh(&self) -> bool {
+        self.stack.last().map_or(self.root_fresh, |d| d.fresh)
     }
 
     fn op(&mut self, op: Op) -> Result<(), RestoreError> {
@@ -249,11 +303,11 @@ impl<'a> Writer<'a> {
                 Ok(())
             }
             Op::Leave => {
-                let (dir, node) = self.stack.pop().expect("Leave follows Enter");
+                let OpenDir { dir, node, .. } = self.stack.pop().expect("Leave follows Enter");
                 if let Some(names) = self.prune.as_mut().and_then(|p| p.written.pop()) {
                     self.prune_dir(&dir, &node.path, &names)?;
                 }
-                meta_fd(dir.file(), &node, self.as_root, &mut self.tally)?;
+                meta_fd(dir.file(), &node, None, self.as_root, &mut self.tally)?;
                 self.tally.stats.dirs += 1;
                 Ok(())
             }
@@ -293,7 +347,11 @@ impl<'a> Writer<'a> {
         if reused {
             sys::fchmod(child.file(), 0o700).map_err(io_err("make writable", path))?;
         }
-        self.stack.push((child, node));
+        self.stack.push(OpenDir {
+            dir: child,
+            node,
+            fresh: !reused,
+        });
         Ok(())
     }
 
@@ -301,7 +359,7 @@ impl<'a> Writer<'a> {
         let e = &node.entry;
         let path = &node.path;
         let name = cname(&e.name).map_err(io_err("name", path))?;
-        let dir = self.stack.last().map_or(&self.root, |(d, _)| d);
+        let dir = self.stack.last().map_or(&self.root, |d| &d.dir);
         match e.kind() {
             Kind::File => {
                 let data: &[u8] = match &e.content {
@@ -311,18 +369,20 @@ impl<'a> Writer<'a> {
                 };
                 // A name already taken (restoring over a tree, reverting) is replaced by a
                 // staged copy renamed over it: readers see the old file or the new one.
-                let (mut f, staged) = match dir.create_file(&name, 0o600) {
+                let mode = create_mode(e);
+                let (mut f, staged) = match dir.create_file(&name, mode) {
                     Ok(f) => (f, None),
                     Err(e) if is(&e, libc::EEXIST) => {
-                        let (f, tmp) = create_tmp(dir, &mut self.tmp_seq, path)?;
+                        let (f, tmp) = create_tmp(dir, &mut self.tmp_seq, path, mode)?;
                         (f, Some(tmp))
                     }
                     Err(e) => return Err(io_err("create the file", path)(e)),
                 };
                 let written = f
                     .write_all(data)
+                    .and_then(|()| AsCreated::of(&f))
                     .map_err(io_err("write", path))
-                    .and_then(|()| meta_fd(&f, node, self.as_root, &mut self.tally));
+                    .and_then(|now| meta_fd(&f, node, Some(now), self.as_root, &mut self.tally));
                 if let Err(e) = written {
                     if let Some(tmp) = &staged {
                         let _ = dir.unlink(tmp);
@@ -485,12 +545,33 @@ impl<'a> Writer<'a> {
     fn open_file(&mut self, node: Arc<Node>) -> Result<(), RestoreError> {
         assert!(self.current.is_none(), "files are written one at a time");
         self.wrote_name(&node.entry.name);
-        let dir = self.stack.last().map_or(&self.root, |(d, _)| d);
-        let (file, tmp) = create_tmp(dir, &mut self.tmp_seq, &node.path)?;
+        let fresh = self.top_fresh();
+        let dir = self.stack.last().map_or(&self.root, |d| &d.dir);
+        let path = &node.path;
+        let mode = create_mode(&node.entry);
+        let own = cname(&node.entry.name).map_err(io_err("name", path))?;
+        let own_name = if fresh {
+            match dir.create_file(&own, mode) {
+                Ok(f) => Some(f),
+                // Someone else put it there meanwhile: stage, as in any other directory.
+                Err(e) if is(&e, libc::EEXIST) => None,
+                Err(e) => return Err(io_err("create the file", path)(e)),
+            }
+        } else {
+            None
+        };
+        let (file, created, staged) = match own_name {
+            Some(f) => (f, own, false),
+            None => {
+                let (f, tmp) = create_tmp(dir, &mut self.tmp_seq, path, mode)?;
+                (f, tmp, true)
+            }
+        };
         self.current = Some(OpenFile {
             node,
             file,
-            tmp,
+            created,
+            staged,
             offset: 0,
             written_end: 0,
             hasher: FileIdHasher::default(),
@@ -527,10 +608,12 @@ impl<'a> Writer<'a> {
                 .set_len(f.offset)
                 .map_err(io_err("extend (sparse tail)", path))?;
         }
-        meta_fd(&f.file, node, self.as_root, &mut self.tally)?;
-        let dir = self.stack.last().map_or(&self.root, |(d, _)| d);
-        let name = cname(&e.name).map_err(io_err("name", path))?;
-        rename_into_place(dir, &f.tmp, &name, path)?;
+        let now = AsCreated::of(&f.file).map_err(io_err("look at", path))?;
+        meta_fd(&f.file, node, Some(now), self.as_root, &mut self.tally)?;
+        if f.staged {
+            let name = cname(&e.name).map_err(io_err("name", path))?;
+            rename_into_place(self.top(), &f.created, &name, path)?;
+        }
         self.tally.stats.files += 1;
         self.tally.stats.bytes += e.size;
         self.tally.progress(1, e.size);
@@ -538,25 +621,30 @@ impl<'a> Writer<'a> {
         Ok(())
     }
 
-    /// Removes the temporary file of a file that could not be finished.
+    /// Removes a file that could not be finished: it was created by this restore, under
+    /// a temporary name or in a directory that did not have it.
     fn abandon_file(&mut self) {
         if let Some(f) = self.current.take() {
-            let dir = self.stack.last().map_or(&self.root, |(d, _)| d);
             drop(f.file);
-            let _ = dir.unlink(&f.tmp);
+            let _ = self.top().unlink(&f.created);
         }
     }
 }
 
 /// Creates a new temporary file in `dir` for the entry at `path`. O_EXCL: a name someone
 /// else holds (or planted as a symlink) is skipped, not used.
-fn create_tmp(dir: &Dir, seq: &mut u64, path: &[u8]) -> Result<(File, CString), RestoreError> {
+fn create_tmp(
+    dir: &Dir,
+    seq: &mut u64,
+    path: &[u8],
+    mode: u32,
+) -> Result<(File, CString), RestoreError> {
     let pid = std::process::id();
     loop {
         *seq += 1;
         let tmp = cname(format!(".morgana-restore.{pid}.{seq}").as_bytes())
             .expect("no NUL in a made-up name");
-        match dir.create_file(&tmp, 0o600) {
+        match dir.create_file(&tmp, mode) {
             Ok(f) => return Ok((f, tmp)),
             Err(e) if is(&e, libc::EEXIST) && *seq < u64::MAX => continue,
             Err(e) => return Err(io_err("create a temporary file for", path)(e)),
@@ -589,10 +677,21 @@ impl Drop for Writer<'_> {
 }
 
 /// Sets owner, xattrs, mode and mtime through an open descriptor (files, directories).
-fn meta_fd(f: &File, node: &Node, as_root: bool, tally: &mut Tally) -> Result<(), RestoreError> {
+/// `now`, when known, skips an owner or mode that is already right.
+fn meta_fd(
+    f: &File,
+    node: &Node,
+    now: Option<AsCreated>,
+    as_root: bool,
+    tally: &mut Tally,
+) -> Result<(), RestoreError> {
     let e = &node.entry;
     let path = &node.path;
-    if as_root && let Err(err) = sys::fchown(f, e.uid, e.gid) {
+    let owned = now.is_some_and(|n| (n.uid, n.gid) == (e.uid, e.gid));
+    if as_root
+        && !owned
+        && let Err(err) = sys::fchown(f, e.uid, e.gid)
+    {
         tally.warn(owner_warning(e, path, &err));
     }
     for (k, v) in &e.xattrs {
@@ -600,7 +699,9 @@ fn meta_fd(f: &File, node: &Node, as_root: bool, tally: &mut Tally) -> Result<()
             tally.warn(xattr_warning(k, path, &err));
         }
     }
-    sys::fchmod(f, e.mode & 0o7777).map_err(io_err("set the mode of", path))?;
+    if now.is_none_or(|n| n.mode != e.mode & 0o7777) {
+        sys::fchmod(f, e.mode & 0o7777).map_err(io_err("set the mode of", path))?;
+    }
     sys::futimens(f, e.mtime_ns).map_err(io_err("set the mtime of", path))
 }
 
