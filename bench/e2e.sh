@@ -10,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 WORK=${1:-$REPO/bench/out}
+. bench/lib.sh
 SCALE=${SCALE:-1}
 ENDPOINTS=${ENDPOINTS:-5}
 
@@ -38,39 +39,8 @@ python3 bench/gen.py change "$WORK/ep0-changed"
 LOGICAL=$(du -sb --apparent-size "$WORK/ep0" | cut -f1)
 ENTRIES=$(find "$WORK/ep0" | wc -l)
 
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
-# seconds CMD...: runs CMD, prints elapsed seconds on stdout; CMD's stdout goes to $WORK/last.out
-seconds() {
-    local t0 t1
-    t0=$(date +%s.%N)
-    "$@" > "$WORK/last.out" 2> "$WORK/last.err" || { cat "$WORK/last.err" >&2; return 1; }
-    t1=$(date +%s.%N)
-    echo "$t1 - $t0" | bc -l
-}
-mib_s() { echo "scale=1; $1 / 1048576 / $2" | bc -l; }
 swap_in_changed() { rm -rf "$WORK/ep0-work"; cp -a "$WORK/ep0" "$WORK/ep0-work"; }
-# restore_target NAME: sets TO to a new, empty directory for a restore. As root, it lies on a new
-# ext4 of its own: ext4 skips inodes freed in the last minutes when it creates files, and
-# after `swap_in_changed` has just deleted ~50k of them, whichever tool restored next on the
-# shared filesystem spent seconds in that search (a third of our agent's CPU in one profile).
-FRESH=()
-restore_target() {
-    local mnt=$WORK/$1 img=$WORK/$1.img
-    rm -rf "$mnt"; mkdir -p "$mnt"
-    if [[ $(id -u) == 0 ]] && command -v mkfs.ext4 >/dev/null \
-        && truncate -s $((LOGICAL * 2 + (1 << 30))) "$img" && mkfs.ext4 -q -F "$img" \
-        && mount -o loop "$img" "$mnt" 2>/dev/null; then
-        FRESH+=("$mnt")
-    else
-        rm -f "$img"
-    fi
-    TO=$mnt/r
-}
-cleanup() {
-    kill "${SERVE:-}" 2>/dev/null || true
-    for m in "${FRESH[@]}"; do umount "$m" 2>/dev/null && rm -f "$m.img"; done
-}
-trap cleanup EXIT
+trap 'kill "${SERVE:-}" 2>/dev/null || true; unmount_targets' EXIT
 
 declare -A R
 # ---------------------------------------------------------------- Morgana
