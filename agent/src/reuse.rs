@@ -380,8 +380,17 @@ mod tests {
         (v1, v2)
     }
 
-    #[test]
-    fn only_changed_chunks_are_fetched_in_request_order() {
+    /// One file being updated: version 1 on the device as `/f`, version 2 on the appliance.
+    struct Update {
+        tmp: tempfile::TempDir,
+        v1: Vec<u8>,
+        v2: Vec<u8>,
+        device: Flat,
+        remote: MemSource,
+        new: Entry,
+    }
+
+    fn update() -> Update {
         let (v1, v2) = versions();
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("f"), &v1).unwrap();
@@ -389,6 +398,26 @@ mod tests {
         let device: Flat = [(b"/f".to_vec(), file(&old, b"f", &v1))].into();
         let remote = MemSource::default();
         let new = file(&remote, b"f", &v2);
+        Update {
+            tmp,
+            v1,
+            v2,
+            device,
+            remote,
+            new,
+        }
+    }
+
+    #[test]
+    fn only_changed_chunks_are_fetched_in_request_order() {
+        let Update {
+            tmp,
+            v2,
+            device,
+            remote,
+            new,
+            ..
+        } = update();
         let (local, found) =
             LocalChunks::index(&remote, tmp.path(), &device, &[b"/f"], &wanted(&new));
         let changed: Vec<&Id> = chunks(&new)
@@ -416,14 +445,15 @@ mod tests {
 
     #[test]
     fn a_file_changed_since_indexing_is_fetched_instead() {
-        let (v1, v2) = versions();
-        let tmp = tempfile::tempdir().unwrap();
+        let Update {
+            tmp,
+            v1,
+            v2,
+            device,
+            remote,
+            new,
+        } = update();
         let path = tmp.path().join("f");
-        std::fs::write(&path, &v1).unwrap();
-        let old = MemSource::default();
-        let device: Flat = [(b"/f".to_vec(), file(&old, b"f", &v1))].into();
-        let remote = MemSource::default();
-        let new = file(&remote, b"f", &v2);
         let (local, found) =
             LocalChunks::index(&remote, tmp.path(), &device, &[b"/f"], &wanted(&new));
         assert!(found.chunks > 0);
@@ -461,13 +491,14 @@ mod tests {
 
     #[test]
     fn an_update_written_over_the_old_file_downloads_only_what_changed() {
-        let (v1, v2) = versions();
-        let tmp = tempfile::tempdir().unwrap();
-        std::fs::write(tmp.path().join("f"), &v1).unwrap();
-        let old = MemSource::default();
-        let device: Flat = [(b"/f".to_vec(), file(&old, b"f", &v1))].into();
-        let remote = MemSource::default();
-        let new = file(&remote, b"f", &v2);
+        let Update {
+            tmp,
+            v2,
+            device,
+            remote,
+            new,
+            ..
+        } = update();
         let root = remote.tree(Tree {
             entries: vec![new.clone()],
         });

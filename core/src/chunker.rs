@@ -203,8 +203,8 @@ impl Gear {
     }
 }
 
-/// Bytes read per refill: large enough to keep syscalls off the profile, small enough that
-/// the buffer stays in a core's L2 cache and that every reader of the agent holds one.
+/// The buffer's size: large enough to keep syscalls off the profile, small enough that each
+/// of the agent's readers holds one. 2 and 4 MiB measured no faster in `chunk_ratio`.
 const SEGMENT: usize = 1024 * 1024;
 
 impl Chunker {

@@ -380,8 +380,8 @@ impl<'a> Writer<'a> {
                 };
                 let written = f
                     .write_all(data)
-                    .and_then(|()| AsCreated::of(&f))
                     .map_err(io_err("write", path))
+                    .and_then(|()| AsCreated::of(&f).map_err(io_err("look at", path)))
                     .and_then(|now| meta_fd(&f, node, Some(now), self.as_root, &mut self.tally));
                 if let Err(e) = written {
                     if let Some(tmp) = &staged {
@@ -677,7 +677,8 @@ impl Drop for Writer<'_> {
 }
 
 /// Sets owner, xattrs, mode and mtime through an open descriptor (files, directories).
-/// `now`, when known, skips an owner or mode that is already right.
+/// `now`, when known, skips an owner or mode that is already right. Not the mode when the
+/// entry has xattrs: an access ACL set among them rewrites the mode's group bits.
 fn meta_fd(
     f: &File,
     node: &Node,
@@ -699,7 +700,8 @@ fn meta_fd(
             tally.warn(xattr_warning(k, path, &err));
         }
     }
-    if now.is_none_or(|n| n.mode != e.mode & 0o7777) {
+    let mode_right = now.is_some_and(|n| n.mode == e.mode & 0o7777) && e.xattrs.is_empty();
+    if !mode_right {
         sys::fchmod(f, e.mode & 0o7777).map_err(io_err("set the mode of", path))?;
     }
     sys::futimens(f, e.mtime_ns).map_err(io_err("set the mtime of", path))
