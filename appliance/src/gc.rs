@@ -592,7 +592,7 @@ impl Collector<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::catalog::{Device, SqliteCatalog};
     use crate::policy::PolicySpec;
@@ -601,13 +601,13 @@ mod tests {
     use morgana_core::tree::{Entry, Kind};
     use morgana_core::wire::{SnapshotInfo, SnapshotStats};
 
-    struct Repo {
+    pub(crate) struct Repo {
         _dir: tempfile::TempDir,
-        catalog: Arc<dyn Catalog>,
-        store: Arc<PackStore>,
+        pub(crate) catalog: Arc<dyn Catalog>,
+        pub(crate) store: Arc<PackStore>,
     }
 
-    async fn repo() -> Repo {
+    pub(crate) async fn repo() -> Repo {
         let dir = tempfile::tempdir().unwrap();
         let sqlite = SqliteCatalog::open(&dir.path().join("catalog.sqlite"), true)
             .await
@@ -640,7 +640,7 @@ mod tests {
         }
     }
 
-    fn chunk(tag: &str) -> (Id, Vec<u8>) {
+    pub(crate) fn chunk(tag: &str) -> (Id, Vec<u8>) {
         let data = morgana_core::testdata::noise(
             70_000,
             tag.len() as u64 * 7919 + tag.as_bytes()[0] as u64,
@@ -670,7 +670,7 @@ mod tests {
         (Id::of(&bytes), bytes)
     }
 
-    async fn store_pack(r: &Repo, blobs: &[(BlobKind, &(Id, Vec<u8>))]) -> Id {
+    pub(crate) async fn store_pack(r: &Repo, blobs: &[(BlobKind, &(Id, Vec<u8>))]) -> Id {
         let mut codec = Codec::new(3);
         let mut builder = PackBuilder::default();
         let mut stored = Vec::new();
