@@ -154,8 +154,13 @@ fn http_client(tls: rustls::ClientConfig) -> reqwest::Client {
         .expect("reqwest client with a preconfigured rustls config")
 }
 
+/// HTTP/1.1 only, one connection per request in flight. Over HTTP/2 every 16 KiB frame of
+/// a pack or a fetch went through hyper's stream bookkeeping, flow control and a hand-off
+/// between tasks: alternating runs on one endpoint gave a restore 0.6 s (8 %) and a first
+/// sync 0.6-0.9 s faster over HTTP/1.1, with less CPU on both sides. An agent has a few
+/// requests in flight at most, so multiplexing buys nothing.
 fn with_alpn(mut tls: rustls::ClientConfig) -> rustls::ClientConfig {
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     tls
 }
 

@@ -470,7 +470,11 @@ mod tests {
         assert!(bits_per_byte(&doubled[..PROBE_BYTES]) > PROBE_ENTROPY_BITS);
         let (mut probe, mut scratch) = (Codec::new(1), Vec::new());
         assert!(!looks_incompressible(&mut probe, &doubled, &mut scratch));
-        assert!(looks_incompressible(&mut probe, &random(3 * PROBE_BYTES), &mut scratch));
+        assert!(looks_incompressible(
+            &mut probe,
+            &random(3 * PROBE_BYTES),
+            &mut scratch
+        ));
     }
 
     #[test]
