@@ -4,7 +4,7 @@
 
 pub mod control;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use axum::Router;
@@ -661,20 +661,25 @@ fn send_frames(
     tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) -> bool {
     // One open file per pack in the batch: consecutive blobs usually share packs.
-    let mut files: std::collections::HashMap<Id, Option<std::fs::File>> =
-        std::collections::HashMap::new();
+    let mut files: HashMap<Id, Option<(std::fs::File, std::path::PathBuf)>> = HashMap::new();
     let mut out = Vec::with_capacity(FETCH_SEND_BYTES);
     for (id, loc) in ids.iter().zip(locations) {
         let Some(loc) = loc else {
             out.extend_from_slice(&BlobFrame::missing(*id).header());
             continue;
         };
-        let path = PackStore::pack_path(&loc.volume, loc.pack);
-        let file = files.entry(loc.pack).or_insert_with(|| match std::fs::File::open(&path) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                warn!(pack = %path.display(), error = %e, "pack file unreadable; its blobs are sent as missing");
-                None
+        let file = files.entry(loc.pack).or_insert_with(|| {
+            let path = PackStore::pack_path(&loc.volume, loc.pack);
+            match std::fs::File::open(&path) {
+                Ok(f) => Some((f, path)),
+                Err(e) => {
+                    warn!(
+                        pack = %path.display(),
+                        error = %e,
+                        "pack file unreadable; its blobs are sent as missing"
+                    );
+                    None
+                }
             }
         });
         let header = BlobFrame {
@@ -688,9 +693,9 @@ fn send_frames(
         let frame_start = out.len();
         out.extend_from_slice(&header);
         let read = match file {
-            Some(f) => crate::store::read_range_into(
+            Some((f, path)) => crate::store::read_range_into(
                 f,
-                &path,
+                path,
                 loc.entry.offset,
                 loc.entry.stored_len,
                 &mut out,
