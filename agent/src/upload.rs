@@ -307,8 +307,8 @@ fn bits_per_byte(data: &[u8]) -> f64 {
         .sum()
 }
 
-/// Whether a blob is not worth compressing, judged from its first bytes at the fastest
-/// level. Already compressed or encrypted data (media, archives, libraries' packed
+/// Whether a blob is not worth compressing, judged from its first bytes: their byte
+/// frequencies, then, if those look random, a trial at the fastest level. Already compressed or encrypted data (media, archives, libraries' packed
 /// sections) is about half of a desktop; searching it for matches at the real level costs
 /// most of the compression time and gains nothing. A blob misjudged here is stored raw,
 /// which is always correct.
@@ -317,9 +317,9 @@ fn looks_incompressible(probe: &mut Codec, data: &[u8], scratch: &mut Vec<u8>) -
         return false;
     }
     let sample = &data[..PROBE_BYTES];
-    // Text and code use well under 7 bits per byte and always compress; counting bytes
-    // says so for a tenth of what the trial compression costs, which was 5 % of a first
-    // sync's CPU. Only samples that look random are tried.
+    // Text and code use well under 7 bits per byte and always compress. Counting bytes
+    // says so far more cheaply than the trial, which was about a tenth of the agent's CPU
+    // in a first sync of the benchmark tree.
     if bits_per_byte(sample) < PROBE_ENTROPY_BITS {
         return false;
     }

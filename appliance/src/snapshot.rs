@@ -63,15 +63,25 @@ struct Walk {
 }
 
 impl Walk {
-    /// Adds `child` under `parent`; true if this walk had not reached it yet.
-    fn reach(&mut self, child: Id, parent: u32) -> bool {
+    fn starting_at(root: Id) -> Walk {
+        let mut walk = Walk::default();
+        walk.add(root);
+        walk
+    }
+
+    /// The position of `tree`, queued for loading if this walk had not reached it yet.
+    fn add(&mut self, tree: Id) -> u32 {
         let next = self.trees.len() as u32;
-        let position = *self.position.entry(child).or_insert(next);
-        self.links.push((position, parent));
+        let position = *self.position.entry(tree).or_insert(next);
         if position == next {
-            self.trees.push(child);
+            self.trees.push(tree);
         }
-        position == next
+        position
+    }
+
+    fn reach(&mut self, child: Id, parent: u32) {
+        let position = self.add(child);
+        self.links.push((position, parent));
     }
 
     fn note_missing(&mut self, id: Id) {
@@ -115,9 +125,7 @@ pub async fn verify_closure(catalog: &Arc<dyn Catalog>, root: Id) -> Result<Clos
     if catalog.tree_complete(root).await? {
         return Ok(Closure::Complete);
     }
-    let mut walk = Walk::default();
-    walk.trees.push(root);
-    walk.position.insert(root, 0);
+    let mut walk = Walk::starting_at(root);
     let mut loaded = 0;
     while loaded < walk.trees.len() && walk.missing.len() < MAX_REPORTED_MISSING {
         let end = walk.trees.len().min(loaded + WALK_BATCH);
@@ -201,10 +209,7 @@ async fn load_batch(
         let mut whole = true;
         for entry in &tree.entries {
             match &entry.content {
-                // Visited in name order, as a depth-first walk would report them.
-                Content::Tree(t) if incomplete.contains(t) => {
-                    walk.reach(*t, *position);
-                }
+                Content::Tree(t) if incomplete.contains(t) => walk.reach(*t, *position),
                 Content::Chunks { chunks: ids, .. } => {
                     for c in ids.iter().filter(|c| absent.contains(c)) {
                         walk.note_missing(*c);
