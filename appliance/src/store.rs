@@ -199,8 +199,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     // Unique per writer: two uploads of the same pack may race here.
     let tmp = dir.join(format!(".{name}.{}.tmp", crate::random::hex(8)));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let f = write_new_file(&tmp, bytes)?;
         f.sync_all()?;
         drop(f);
         std::fs::rename(&tmp, path)?;
@@ -211,6 +210,110 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result.map_err(err)
+}
+
+/// Alignment of memory, file offsets and lengths for `O_DIRECT`: a page, which is also a
+/// multiple of every block size Linux filesystems use.
+const DIRECT_ALIGN: usize = 4096;
+/// How much of a pack one direct write carries. 1 MiB writes ran at 2.1 GB/s on this
+/// appliance's disk, larger ones no faster.
+const DIRECT_CHUNK: usize = 1 << 20;
+
+/// Creates `path` and writes `bytes` into it, bypassing the page cache where the filesystem
+/// allows. A pack is not read back soon after it is written, and copying it into the page
+/// cache was the largest single cost of storing one (a third of the appliance's CPU in a
+/// first sync, most of it faulting in fresh cache pages); the direct path instead copies
+/// through a small aligned buffer that stays in the CPU cache.
+fn write_new_file(path: &Path, bytes: &[u8]) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let direct = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path);
+    let mut file = match direct {
+        Ok(file) => match write_direct(&file, bytes) {
+            Ok(()) => return Ok(file),
+            // The filesystem took the flag but refuses direct writes: start over buffered.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                clear_direct(&file)?;
+                file.set_len(0)?;
+                file
+            }
+            Err(e) => return Err(e),
+        },
+        // Filesystems without direct I/O (tmpfs on older kernels) refuse it at open.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)?,
+        Err(e) => return Err(e),
+    };
+    file.write_all(bytes)?;
+    Ok(file)
+}
+
+/// Writes `bytes` from offset 0 of a file opened with `O_DIRECT`, in aligned chunks; the
+/// last chunk is padded with zeros to the alignment and the padding cut off afterwards.
+fn write_direct(file: &std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
+    let mut buffer =
+        AlignedBuffer::new(DIRECT_CHUNK.min(bytes.len().next_multiple_of(DIRECT_ALIGN)));
+    let mut offset = 0;
+    for piece in bytes.chunks(DIRECT_CHUNK) {
+        let padded = piece.len().next_multiple_of(DIRECT_ALIGN);
+        let out = &mut buffer.as_mut_slice()[..padded];
+        out[..piece.len()].copy_from_slice(piece);
+        out[piece.len()..].fill(0);
+        file.write_all_at(out, offset)?;
+        offset += padded as u64;
+    }
+    if offset != bytes.len() as u64 {
+        file.set_len(bytes.len() as u64)?;
+    }
+    Ok(())
+}
+
+fn clear_direct(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL and F_SETFL on a descriptor borrowed for the call; no memory is
+    // passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Zeroed heap memory aligned to `DIRECT_ALIGN`, which a `Vec<u8>` cannot promise.
+struct AlignedBuffer {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuffer {
+    fn new(len: usize) -> AlignedBuffer {
+        let layout = std::alloc::Layout::from_size_align(len.max(DIRECT_ALIGN), DIRECT_ALIGN)
+            .expect("a pack-sized buffer has a valid layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuffer { ptr, layout }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` points to `layout.size()` initialised (zeroed) bytes this buffer owns,
+        // and `&mut self` makes this the only reference to them.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout and not freed since.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
 }
 
 /// Bytes available to unprivileged writers on the filesystem holding `path`.
@@ -259,6 +362,29 @@ mod tests {
             PackStore::read_range(&path, 8, 5),
             Err(PackStoreError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn writes_any_length_exactly_whether_or_not_direct_io_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        // Lengths around the alignment and the chunk size, where padding and the final cut
+        // could go wrong.
+        for len in [
+            0,
+            1,
+            DIRECT_ALIGN - 1,
+            DIRECT_ALIGN,
+            DIRECT_ALIGN + 1,
+            DIRECT_CHUNK,
+            2 * DIRECT_CHUNK + 3,
+        ] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+            let path = dir.path().join(format!("f{len}"));
+            write_new_file(&path, &bytes).unwrap().sync_all().unwrap();
+            assert!(std::fs::read(&path).unwrap() == bytes, "length {len} read back differs");
+            // `create_new`: an existing file is an error, never overwritten in place.
+            assert!(write_new_file(&path, b"other").is_err());
+        }
     }
 
     #[test]
