@@ -381,7 +381,10 @@ mod tests {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
             let path = dir.path().join(format!("f{len}"));
             write_new_file(&path, &bytes).unwrap().sync_all().unwrap();
-            assert!(std::fs::read(&path).unwrap() == bytes, "length {len} read back differs");
+            assert!(
+                std::fs::read(&path).unwrap() == bytes,
+                "length {len} read back differs"
+            );
             // `create_new`: an existing file is an error, never overwritten in place.
             assert!(write_new_file(&path, b"other").is_err());
         }
