@@ -57,7 +57,7 @@ r = subprocess.run(sys.argv[2:])
 open(sys.argv[1], "a").write("%d\n" % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 sys.exit(r.returncode)' "$RSS_LOG" "$BIN/morgana-agent" "$@"
 }
-swap_in_changed
+swap_in_changed; settle
 for i in $(seq 0 $((ENDPOINTS - 1))); do
     root=$WORK/ep$i; [[ $i == 0 ]] && root=$WORK/ep0-work
     agent enroll --server "$URL" --token "$("$BIN/morgana" enroll-token --data-dir "$M/data")" \
@@ -81,7 +81,7 @@ kill $SERVE; wait $SERVE 2>/dev/null || true
 if command -v restic >/dev/null; then
     export RESTIC_PASSWORD=bench RESTIC_REPOSITORY=$WORK/restic-repo
     restic init -q
-    swap_in_changed; drop_caches
+    swap_in_changed; settle; drop_caches
     R[r_init]=$(seconds restic backup -q --host ep0 "$WORK/ep0-work")
     R[r_nochange]=$(seconds restic backup -q --host ep0 "$WORK/ep0-work")
     rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
@@ -99,7 +99,7 @@ fi
 if command -v borg >/dev/null; then
     export BORG_REPO=$WORK/borg-repo BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
     borg init -e none "$BORG_REPO"
-    swap_in_changed; drop_caches
+    swap_in_changed; settle; drop_caches
     R[b_init]=$(seconds borg create --compression lz4 ::ep0-1 "$WORK/ep0-work")
     R[b_nochange]=$(seconds borg create --compression lz4 ::ep0-2 "$WORK/ep0-work")
     rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
@@ -112,7 +112,7 @@ fi
 
 # ---------------------------------------------------------------- rsync
 if command -v rsync >/dev/null; then
-    swap_in_changed; rm -rf "$WORK/rsync-mirror"; drop_caches
+    swap_in_changed; rm -rf "$WORK/rsync-mirror"; settle; drop_caches
     R[s_init]=$(seconds rsync -a "$WORK/ep0-work/" "$WORK/rsync-mirror/")
     R[s_nochange]=$(seconds rsync -a --stats "$WORK/ep0-work/" "$WORK/rsync-mirror/")
     rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
