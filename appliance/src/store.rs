@@ -219,7 +219,7 @@ const DIRECT_ALIGN: usize = 4096;
 /// appliance's disk, larger ones no faster.
 const DIRECT_CHUNK: usize = 1 << 20;
 
-/// Creates `path` and writes `bytes` into it, bypassing the page cache where the filesystem
+/// Creates `path` (a name unique to this writer) and writes `bytes` into it, bypassing the page cache where the filesystem
 /// allows. A pack is not read back soon after it is written, and copying it into the page
 /// cache was the largest single cost of storing one (a third of the appliance's CPU in a
 /// first sync, most of it faulting in fresh cache pages); the direct path instead copies
@@ -235,17 +235,19 @@ fn write_new_file(path: &Path, bytes: &[u8]) -> std::io::Result<std::fs::File> {
         Ok(file) => match write_direct(&file, bytes) {
             Ok(()) => return Ok(file),
             // The filesystem took the flag but refuses direct writes: start over buffered.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            Err(e) if refuses_direct(&e) => {
                 clear_direct(&file)?;
                 file.set_len(0)?;
                 file
             }
             Err(e) => return Err(e),
         },
-        // Filesystems without direct I/O (tmpfs on older kernels) refuse it at open.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => std::fs::OpenOptions::new()
+        // Filesystems without direct I/O (tmpfs before 6.6) refuse it at open, which may
+        // already have created the file: open it again without `create_new`.
+        Err(e) if refuses_direct(&e) => std::fs::OpenOptions::new()
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(true)
             .open(path)?,
         Err(e) => return Err(e),
     };
@@ -271,6 +273,12 @@ fn write_direct(file: &std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
         file.set_len(bytes.len() as u64)?;
     }
     Ok(())
+}
+
+/// Linux answers `EINVAL` where a filesystem has no direct I/O; some FUSE and network
+/// filesystems answer `EOPNOTSUPP`.
+fn refuses_direct(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP))
 }
 
 fn clear_direct(file: &std::fs::File) -> std::io::Result<()> {
