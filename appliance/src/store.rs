@@ -219,8 +219,8 @@ const DIRECT_ALIGN: usize = 4096;
 /// appliance's disk, larger ones no faster.
 const DIRECT_CHUNK: usize = 1 << 20;
 
-/// Creates `path` (a name unique to this writer) and writes `bytes` into it, bypassing the page cache where the filesystem
-/// allows. A pack is not read back soon after it is written, and copying it into the page
+/// Creates `path` (a name unique to this writer) and writes `bytes` into it, bypassing the
+/// page cache where the filesystem allows. A pack is not read back soon after it is written, and copying it into the page
 /// cache was the largest single cost of storing one (a third of the appliance's CPU in a
 /// first sync, most of it faulting in fresh cache pages); the direct path instead copies
 /// through a small aligned buffer that stays in the CPU cache.
@@ -251,6 +251,7 @@ fn write_new_file(path: &Path, bytes: &[u8]) -> std::io::Result<std::fs::File> {
             .open(path)?,
         Err(e) => return Err(e),
     };
+    // The direct attempt wrote with `pwrite`, so the cursor is still at 0.
     file.write_all(bytes)?;
     Ok(file)
 }
@@ -373,7 +374,7 @@ mod tests {
     }
 
     #[test]
-    fn writes_any_length_exactly_whether_or_not_direct_io_is_taken() {
+    fn writes_any_length_exactly() {
         let dir = tempfile::tempdir().unwrap();
         // Lengths around the alignment and the chunk size, where padding and the final cut
         // could go wrong.
@@ -393,7 +394,8 @@ mod tests {
                 std::fs::read(&path).unwrap() == bytes,
                 "length {len} read back differs"
             );
-            // `create_new`: an existing file is an error, never overwritten in place.
+            // The direct path opens with `create_new`: an existing file is an error. (The
+            // buffered fallback, for filesystems without direct I/O, is not reached here.)
             assert!(write_new_file(&path, b"other").is_err());
         }
     }
