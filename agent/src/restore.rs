@@ -938,6 +938,59 @@ mod tests {
     }
 
     #[test]
+    fn wide_and_deep_trees_are_read_ahead_in_few_requests() {
+        // 600 directories one level down (more than one read-ahead request takes), their
+        // entries together past the read-ahead's budget, identical empty directories
+        // sharing one tree, and a kept directory whose trees are never fetched.
+        let src = MemSource::default();
+        let empty = src.dir(b"e", Vec::new());
+        let leaf = |i: usize, j: usize| {
+            let mut files: Vec<Entry> = (0..60)
+                .map(|k| {
+                    src.file(
+                        format!("f{k}").as_bytes(),
+                        format!("{i}/{j}/{k}").as_bytes(),
+                        1,
+                    )
+                })
+                .collect();
+            files.push(empty.clone());
+            src.dir(format!("d{j:03}").as_bytes(), files)
+        };
+        let mut top: Vec<Entry> = (0..6)
+            .map(|i| {
+                src.dir(
+                    format!("t{i}").as_bytes(),
+                    (0..100).map(|j| leaf(i, j)).collect(),
+                )
+            })
+            .collect();
+        let kept_tree = src.dir(b"kept", vec![src.dir(b"below", Vec::new())]);
+        let Content::Tree(kept_id) = kept_tree.content else {
+            unreachable!()
+        };
+        top.push(kept_tree);
+        let tmp = tempfile::tempdir().unwrap();
+        let mut req = request(&src, top, tmp.path(), "");
+        req.keep = Some(Keep(Arc::new(|p: &[u8]| p.starts_with(b"kept"))));
+        let stats = restore(&src, &req).unwrap();
+        assert_eq!(stats.files, 6 * 100 * 60);
+        assert_eq!(
+            std::fs::read(tmp.path().join("t5/d099/f59")).unwrap(),
+            b"5/99/59"
+        );
+        assert!(tmp.path().join("t0/d000/e").is_dir());
+        assert!(!tmp.path().join("kept").exists());
+        // One directory per request would be 1 + 6 + 600 + 1; inline files need none.
+        let requests = src.requests.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(requests <= 6, "{requests} requests");
+        src.forget(kept_id);
+        let again = tempfile::tempdir().unwrap();
+        req.to = again.path().to_path_buf();
+        restore(&src, &req).expect("the kept directory's tree is not needed");
+    }
+
+    #[test]
     fn many_small_files_share_few_requests() {
         let src = MemSource::default();
         let files: Vec<Entry> = (0..3000)

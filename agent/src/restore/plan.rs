@@ -2,10 +2,16 @@
 //! create. Every tree is verified (`Codec::open`) and decoded (`Tree::decode`, which
 //! refuses hostile names) before any of its entries is emitted, so a bad tree stops the
 //! restore before anything of that directory is written.
+//!
+//! The trees come from a **read-ahead** thread that fetches them in the walk's order, many
+//! per request, ahead of the walk. Fetched one directory at a time, a 49k-entry desktop took
+//! 2283 round trips in a row, and the walk spent 4.2 s of a 4.5 s restore waiting on them
+//! while the writer and the fetch workers waited on the walk.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::hash_map::Entry as Slot;
 use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use morgana_core::Id;
 use morgana_core::pack::Codec;
@@ -14,9 +20,11 @@ use morgana_core::wire::MAX_IDS_PER_REQUEST;
 
 use super::{BlobSource, IdMap, Request, RestoreError, join, show};
 
-/// Sibling subtrees fetched in one request. Bounds what the walk holds per directory level
-/// (this many decoded trees) while saving a round trip per directory.
-const SUBTREES_PER_FETCH: usize = 64;
+/// Most trees the read-ahead asks for in one request.
+const TREES_PER_FETCH: usize = 512;
+/// Entries of fetched trees the walk has not reached yet beyond which the read-ahead waits
+/// (unless the walk is waiting for a tree): bounds its memory whatever the snapshot's size.
+const AHEAD_ENTRIES: usize = 32 * 1024;
 
 /// One entry and where it goes, relative to the snapshot root (and so to `--to`).
 #[derive(Debug)]
@@ -67,6 +75,7 @@ struct Planner<'a> {
     out: SyncSender<Result<Op, RestoreError>>,
     /// First path restored for each hard link group.
     links: HashMap<u64, Arc<[u8]>>,
+    ahead: &'a Ahead,
 }
 
 pub(super) fn run(
@@ -74,17 +83,150 @@ pub(super) fn run(
     req: &Request,
     out: SyncSender<Result<Op, RestoreError>>,
 ) {
-    let mut p = Planner {
-        source,
-        req,
-        codec: Codec::new(morgana_core::pack::DEFAULT_ZSTD_LEVEL),
-        out,
-        links: HashMap::new(),
-    };
-    if let Err(Stop::Fail(e)) = p.plan() {
-        // If the writer is gone too, it has its own error to report.
-        let _ = p.out.send(Err(e));
+    let ahead = Ahead::default();
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("restore-trees".into())
+            .spawn_scoped(s, || read_ahead(source, req, &ahead))
+            .expect("spawn the tree read-ahead");
+        let mut p = Planner {
+            source,
+            req,
+            codec: Codec::new(morgana_core::pack::DEFAULT_ZSTD_LEVEL),
+            out,
+            links: HashMap::new(),
+            ahead: &ahead,
+        };
+        let planned = p.plan();
+        ahead.finish();
+        if let Err(Stop::Fail(e)) = planned {
+            // If the writer is gone too, it has its own error to report.
+            let _ = p.out.send(Err(e));
+        }
+    });
+}
+
+/// Trees fetched for the walk before it reaches them, shared by the planner and the
+/// read-ahead thread.
+#[derive(Default)]
+struct Ahead {
+    state: Mutex<AheadState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct AheadState {
+    /// The directories the walk enters first, in walk order: set once, when the walk
+    /// starts.
+    start: Option<Vec<(Id, Vec<u8>)>>,
+    /// Fetched trees, each with how many more times the walk will take it.
+    ready: Loaded,
+    /// Entries in `ready`, plus one per tree.
+    held: usize,
+    /// The walk waits for a tree that is not fetched yet.
+    wanted: bool,
+    /// A fetch failed: the walk reports this when it next needs a tree.
+    failed: Option<RestoreError>,
+    /// Every tree below `start` has been fetched.
+    exhausted: bool,
+    /// The walk has ended (done, failed or stopped): the read-ahead stops too.
+    finished: bool,
+}
+
+impl Ahead {
+    fn lock(&self) -> MutexGuard<'_, AheadState> {
+        self.state.lock().expect("tree read-ahead lock")
     }
+
+    fn update(&self, change: impl FnOnce(&mut AheadState)) {
+        change(&mut self.lock());
+        self.changed.notify_all();
+    }
+
+    fn start(&self, dirs: Vec<(Id, Vec<u8>)>) {
+        self.update(|s| s.start = Some(dirs));
+    }
+
+    fn finish(&self) {
+        self.update(|s| s.finished = true);
+    }
+}
+
+fn held(tree: &Result<Tree, Problem>) -> usize {
+    1 + tree.as_ref().map_or(0, |t| t.entries.len())
+}
+
+/// The subdirectories of `tree` (at `dir`) that the restore writes, in walk order.
+fn subdirs<'t>(
+    tree: &'t Tree,
+    dir: &'t [u8],
+    req: &'t Request,
+) -> impl Iterator<Item = (Id, Vec<u8>)> + 't {
+    tree.entries.iter().filter_map(move |e| match e.content {
+        Content::Tree(id) => {
+            let path = join(dir, &e.name);
+            (!req.keeps(&path)).then_some((id, path))
+        }
+        _ => None,
+    })
+}
+
+/// Fetches the trees the walk will take, in the order it takes them. Directories not yet
+/// fetched wait on a stack whose top is always the next one in walk order, so each request
+/// takes the next `TREES_PER_FETCH` of them: siblings and cousins together, the walk's
+/// next tree first.
+fn read_ahead(source: &dyn BlobSource, req: &Request, ahead: &Ahead) {
+    let mut codec = Codec::new(morgana_core::pack::DEFAULT_ZSTD_LEVEL);
+    let mut stack = {
+        let mut s = ahead
+            .changed
+            .wait_while(ahead.lock(), |s| s.start.is_none() && !s.finished)
+            .expect("tree read-ahead lock");
+        let Some(mut start) = s.start.take() else {
+            return;
+        };
+        start.reverse();
+        start
+    };
+    while !stack.is_empty() {
+        let s = ahead
+            .changed
+            .wait_while(ahead.lock(), |s| {
+                !s.finished && !s.wanted && s.held >= AHEAD_ENTRIES
+            })
+            .expect("tree read-ahead lock");
+        if s.finished {
+            return;
+        }
+        drop(s);
+        // Bottom to top: the last one is the walk's next directory.
+        let batch = stack.split_off(stack.len().saturating_sub(TREES_PER_FETCH));
+        let ids: Vec<Id> = batch.iter().rev().map(|(id, _)| *id).collect();
+        let loaded = match load(source, &mut codec, &ids) {
+            Ok(loaded) => loaded,
+            Err(e) => return ahead.update(|s| s.failed = Some(e)),
+        };
+        // The walk's next directory's subdirectories go on top, its first one topmost.
+        for (id, dir) in &batch {
+            if let Some((_, Ok(tree))) = loaded.get(id) {
+                let subs: Vec<_> = subdirs(tree, dir, req).collect();
+                stack.extend(subs.into_iter().rev());
+            }
+        }
+        ahead.update(|s| {
+            for (id, (uses, tree)) in loaded {
+                match s.ready.entry(id) {
+                    Slot::Occupied(mut o) => o.get_mut().0 += uses,
+                    Slot::Vacant(v) => {
+                        s.held += held(&tree);
+                        v.insert((uses, tree));
+                    }
+                }
+            }
+            s.wanted = false;
+        });
+    }
+    ahead.update(|s| s.exhausted = true);
 }
 
 impl Planner<'_> {
@@ -96,6 +238,7 @@ impl Planner<'_> {
         let mut tree = self.load_one(self.req.root, b"")?;
         let subpath = &self.req.subpath;
         if subpath.is_empty() {
+            self.ahead.start(subdirs(&tree, &[], self.req).collect());
             return self.walk(tree, &[]);
         }
         // Resolve the whole path before emitting anything: an unknown path writes nothing.
@@ -127,30 +270,26 @@ impl Planner<'_> {
         for node in parents {
             self.send(Op::Enter(node))?;
         }
-        self.entry(target.entry, target.path, None)?;
+        let start = match target.entry.content {
+            Content::Tree(id) if !self.req.keeps(&target.path) => vec![(id, target.path.clone())],
+            _ => Vec::new(),
+        };
+        self.ahead.start(start);
+        self.entry(target.entry, target.path)?;
         for _ in 0..entered {
             self.send(Op::Leave)?;
         }
         Ok(())
     }
 
-    /// Emits one entry; a directory with everything below it. `subtree` is the directory's
-    /// tree when the caller already has it.
-    fn entry(
-        &mut self,
-        entry: Entry,
-        path: Vec<u8>,
-        subtree: Option<Result<Tree, Problem>>,
-    ) -> Result<(), Stop> {
+    /// Emits one entry; a directory with everything below it.
+    fn entry(&mut self, entry: Entry, path: Vec<u8>) -> Result<(), Stop> {
         if self.req.keeps(&path) {
-            // Left as it is: nothing of it is written (its tree, if fetched, goes unused).
+            // Left as it is: nothing of it is written (and the read-ahead skipped its tree).
             return Ok(());
         }
         if let Content::Tree(id) = entry.content {
-            let tree = match subtree {
-                Some(t) => t.map_err(|p| self.tree_error(id, &path, p))?,
-                None => self.load_one(id, &path)?,
-            };
+            let tree = self.take_ahead(id, &path)?;
             let node = Arc::new(Node { path, entry });
             self.send(Op::Enter(node.clone()))?;
             self.walk(tree, &node.path)?;
@@ -172,90 +311,51 @@ impl Planner<'_> {
         self.send(Op::Leaf(node))
     }
 
-    /// Emits a directory's entries, fetching its subdirectories' trees a group at a time.
+    /// Emits a directory's entries.
     fn walk(&mut self, tree: Tree, dir_path: &[u8]) -> Result<(), Stop> {
-        let subtree_ids: Vec<Id> = tree
-            .entries
-            .iter()
-            .filter_map(|e| match e.content {
-                Content::Tree(id) => Some(id),
-                _ => None,
-            })
-            .collect();
-        let mut next = 0;
-        let mut window_end = 0;
-        let mut window: Loaded = IdMap::default();
         for entry in tree.entries {
             let path = join(dir_path, &entry.name);
-            let subtree = match entry.content {
-                Content::Tree(_) => {
-                    if next == window_end {
-                        window_end = (next + SUBTREES_PER_FETCH).min(subtree_ids.len());
-                        window = self.load(&subtree_ids[next..window_end])?;
-                    }
-                    let id = subtree_ids[next];
-                    next += 1;
-                    Some(take(&mut window, id))
-                }
-                _ => None,
-            };
-            self.entry(entry, path, subtree)?;
+            self.entry(entry, path)?;
         }
         Ok(())
     }
 
-    fn load_one(&mut self, id: Id, path: &[u8]) -> Result<Tree, RestoreError> {
-        let mut m = self.load(&[id])?;
-        take(&mut m, id).map_err(|p| self.tree_error(id, path, p))
+    /// The tree of the directory the walk enters next, from the read-ahead.
+    fn take_ahead(&mut self, id: Id, path: &[u8]) -> Result<Tree, RestoreError> {
+        let mut s = self.ahead.lock();
+        loop {
+            if let Some(slot) = s.ready.get_mut(&id) {
+                slot.0 -= 1;
+                let tree = if slot.0 == 0 {
+                    let (_, tree) = s.ready.remove(&id).expect("present");
+                    s.held -= held(&tree);
+                    self.ahead.changed.notify_all();
+                    tree
+                } else {
+                    slot.1.clone()
+                };
+                return tree.map_err(|p| self.tree_error(id, path, p));
+            }
+            if let Some(e) = s.failed.take() {
+                return Err(e);
+            }
+            if s.exhausted {
+                // The read-ahead follows the walk's order exactly, so this is a bug; the
+                // tree can still be fetched on its own.
+                debug_assert!(false, "the read-ahead skipped tree {id} at {}", show(path));
+                drop(s);
+                return self.load_one(id, path);
+            }
+            s.wanted = true;
+            self.ahead.changed.notify_all();
+            s = self.ahead.changed.wait(s).expect("tree read-ahead lock");
+        }
     }
 
-    /// Fetches, verifies and decodes trees; each with how often `ids` names it (identical
-    /// directories, empty ones above all, share one tree).
-    fn load(&mut self, ids: &[Id]) -> Result<Loaded, RestoreError> {
-        let mut out: Loaded = IdMap::default();
-        let mut unique = Vec::new();
-        for id in ids {
-            out.entry(*id)
-                .and_modify(|(n, _)| *n += 1)
-                .or_insert_with(|| {
-                    unique.push(*id);
-                    (1, Err(Problem::Missing))
-                });
-        }
-        let codec = &mut self.codec;
-        for batch in unique.chunks(MAX_IDS_PER_REQUEST) {
-            let mut i = 0;
-            self.source.fetch(batch, &mut |frame, stored| {
-                let expected = batch.get(i).copied();
-                if expected != Some(frame.id) {
-                    return Err(RestoreError::Protocol(format!(
-                        "asked for tree {expected:?}, got blob {}",
-                        frame.id
-                    )));
-                }
-                i += 1;
-                let tree = match frame.kind {
-                    None => Err(Problem::Missing),
-                    Some(_) => match codec.open(frame.id, frame.compression, stored, frame.raw_len)
-                    {
-                        Err(e) => Err(Problem::Damaged(e.to_string())),
-                        Ok(raw) => Tree::decode(&raw).map_err(|e| match e {
-                            TreeError::HostileName(_) => Problem::Hostile(e.to_string()),
-                            e => Problem::Damaged(e.to_string()),
-                        }),
-                    },
-                };
-                out.get_mut(&frame.id).expect("asked for it").1 = tree;
-                Ok(())
-            })?;
-            if i != batch.len() {
-                return Err(RestoreError::Protocol(format!(
-                    "asked for {} trees, got {i}",
-                    batch.len()
-                )));
-            }
-        }
-        Ok(out)
+    fn load_one(&mut self, id: Id, path: &[u8]) -> Result<Tree, RestoreError> {
+        let mut m = load(self.source, &mut self.codec, &[id])?;
+        let (_, tree) = m.remove(&id).expect("asked for it");
+        tree.map_err(|p| self.tree_error(id, path, p))
     }
 
     fn tree_error(&self, id: Id, path: &[u8], p: Problem) -> RestoreError {
@@ -279,13 +379,49 @@ impl Planner<'_> {
     }
 }
 
-/// Takes one use of a loaded tree: the last use moves it out, earlier ones copy it.
-fn take(m: &mut Loaded, id: Id) -> Result<Tree, Problem> {
-    let slot = m.get_mut(&id).expect("every subtree id was loaded");
-    slot.0 -= 1;
-    if slot.0 == 0 {
-        m.remove(&id).expect("present").1
-    } else {
-        slot.1.clone()
+/// Fetches, verifies and decodes trees; each with how often `ids` names it (identical
+/// directories, empty ones above all, share one tree).
+fn load(source: &dyn BlobSource, codec: &mut Codec, ids: &[Id]) -> Result<Loaded, RestoreError> {
+    let mut out: Loaded = IdMap::default();
+    let mut unique = Vec::new();
+    for id in ids {
+        out.entry(*id)
+            .and_modify(|(n, _)| *n += 1)
+            .or_insert_with(|| {
+                unique.push(*id);
+                (1, Err(Problem::Missing))
+            });
     }
+    for batch in unique.chunks(MAX_IDS_PER_REQUEST) {
+        let mut i = 0;
+        source.fetch(batch, &mut |frame, stored| {
+            let expected = batch.get(i).copied();
+            if expected != Some(frame.id) {
+                return Err(RestoreError::Protocol(format!(
+                    "asked for tree {expected:?}, got blob {}",
+                    frame.id
+                )));
+            }
+            i += 1;
+            let tree = match frame.kind {
+                None => Err(Problem::Missing),
+                Some(_) => match codec.open(frame.id, frame.compression, stored, frame.raw_len) {
+                    Err(e) => Err(Problem::Damaged(e.to_string())),
+                    Ok(raw) => Tree::decode(&raw).map_err(|e| match e {
+                        TreeError::HostileName(_) => Problem::Hostile(e.to_string()),
+                        e => Problem::Damaged(e.to_string()),
+                    }),
+                },
+            };
+            out.get_mut(&frame.id).expect("asked for it").1 = tree;
+            Ok(())
+        })?;
+        if i != batch.len() {
+            return Err(RestoreError::Protocol(format!(
+                "asked for {} trees, got {i}",
+                batch.len()
+            )));
+        }
+    }
+    Ok(out)
 }
