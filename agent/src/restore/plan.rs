@@ -127,7 +127,7 @@ struct AheadState {
     wanted: bool,
     /// A fetch failed: the walk reports this when it next needs a tree.
     failed: Option<RestoreError>,
-    /// Every tree below `start` has been fetched.
+    /// The read-ahead has stopped: every tree below `start` is fetched, or it failed.
     exhausted: bool,
     /// The walk has ended (done, failed or stopped): the read-ahead stops too.
     finished: bool,
@@ -176,6 +176,16 @@ fn subdirs<'t>(
 /// takes the next `TREES_PER_FETCH` of them: siblings and cousins together, the walk's
 /// next tree first.
 fn read_ahead(source: &dyn BlobSource, req: &Request, ahead: &Ahead) {
+    // However this ends (a panic too), the walk must not wait for it forever.
+    struct Exhausted<'a>(&'a Ahead);
+    impl Drop for Exhausted<'_> {
+        fn drop(&mut self) {
+            let mut s = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+            s.exhausted = true;
+            self.0.changed.notify_all();
+        }
+    }
+    let _exhausted = Exhausted(ahead);
     let mut codec = Codec::new(morgana_core::pack::DEFAULT_ZSTD_LEVEL);
     let mut stack = {
         let mut s = ahead
@@ -226,7 +236,6 @@ fn read_ahead(source: &dyn BlobSource, req: &Request, ahead: &Ahead) {
             s.wanted = false;
         });
     }
-    ahead.update(|s| s.exhausted = true);
 }
 
 impl Planner<'_> {
