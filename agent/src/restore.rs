@@ -131,6 +131,35 @@ pub trait BlobSource: Sync {
     fn fetch(&self, ids: &[Id], each: &mut OnBlob<'_>) -> Result<(), RestoreError>;
 }
 
+/// Fetches `ids` from `source` and calls `each` with every frame, checking that the answer
+/// holds exactly those blobs, in order. `what` names them in errors ("chunk", "tree").
+pub(crate) fn fetch_in_order(
+    source: &dyn BlobSource,
+    ids: &[Id],
+    what: &str,
+    each: &mut OnBlob<'_>,
+) -> Result<(), RestoreError> {
+    let mut i = 0;
+    source.fetch(ids, &mut |frame, stored| {
+        let expected = ids.get(i).copied();
+        if expected != Some(frame.id) {
+            return Err(RestoreError::Protocol(format!(
+                "asked for {what} {expected:?}, got blob {}",
+                frame.id
+            )));
+        }
+        i += 1;
+        each(frame, stored)
+    })?;
+    if i != ids.len() {
+        return Err(RestoreError::Protocol(format!(
+            "asked for {} {what}s, the answer ended after {i}",
+            ids.len()
+        )));
+    }
+    Ok(())
+}
+
 /// What to restore and where.
 #[derive(Clone, Debug)]
 pub struct Request {

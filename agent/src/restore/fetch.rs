@@ -17,7 +17,9 @@ use morgana_core::tree::Content;
 use morgana_core::wire::MAX_IDS_PER_REQUEST;
 
 use super::plan::{Node, Op};
-use super::{BATCH_BYTES, BATCH_ITEMS, BlobSource, IdMap, RestoreError, ZeroChunks, is_zero};
+use super::{
+    BATCH_BYTES, BATCH_ITEMS, BlobSource, IdMap, RestoreError, ZeroChunks, fetch_in_order, is_zero,
+};
 
 /// How long a partly filled batch waits for more ops (the planner is waiting on a tree)
 /// before it is fetched anyway, so the writer does not sit idle.
@@ -206,16 +208,7 @@ fn fetch(
 ) -> Result<Batch, RestoreError> {
     let Builder { mut batch, ids, .. } = b;
     for part in ids.chunks(MAX_IDS_PER_REQUEST) {
-        let mut i = 0;
-        source.fetch(part, &mut |frame, stored| {
-            let expected = part.get(i).copied();
-            if expected != Some(frame.id) {
-                return Err(RestoreError::Protocol(format!(
-                    "asked for chunk {expected:?}, got blob {}",
-                    frame.id
-                )));
-            }
-            i += 1;
+        fetch_in_order(source, part, "chunk", &mut |frame, stored| {
             let blob = match frame.kind {
                 None => Blob::Bad("the appliance does not have it".into()),
                 Some(_) => match codec.open(frame.id, frame.compression, stored, frame.raw_len) {
@@ -232,12 +225,6 @@ fn fetch(
             batch.blobs.insert(frame.id, blob);
             Ok(())
         })?;
-        if i != part.len() {
-            return Err(RestoreError::Protocol(format!(
-                "asked for {} chunks, the answer ended after {i}",
-                part.len()
-            )));
-        }
     }
     Ok(batch)
 }

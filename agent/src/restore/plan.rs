@@ -18,7 +18,7 @@ use morgana_core::pack::Codec;
 use morgana_core::tree::{Content, Entry, Kind, Tree, TreeError};
 use morgana_core::wire::MAX_IDS_PER_REQUEST;
 
-use super::{BlobSource, IdMap, Request, RestoreError, join, show};
+use super::{BlobSource, IdMap, Request, RestoreError, fetch_in_order, join, show};
 
 /// Most trees the read-ahead asks for in one request.
 const TREES_PER_FETCH: usize = 512;
@@ -402,16 +402,7 @@ fn load(source: &dyn BlobSource, codec: &mut Codec, ids: &[Id]) -> Result<Loaded
             });
     }
     for batch in unique.chunks(MAX_IDS_PER_REQUEST) {
-        let mut i = 0;
-        source.fetch(batch, &mut |frame, stored| {
-            let expected = batch.get(i).copied();
-            if expected != Some(frame.id) {
-                return Err(RestoreError::Protocol(format!(
-                    "asked for tree {expected:?}, got blob {}",
-                    frame.id
-                )));
-            }
-            i += 1;
+        fetch_in_order(source, batch, "tree", &mut |frame, stored| {
             let tree = match frame.kind {
                 None => Err(Problem::Missing),
                 Some(_) => match codec.open(frame.id, frame.compression, stored, frame.raw_len) {
@@ -425,12 +416,6 @@ fn load(source: &dyn BlobSource, codec: &mut Codec, ids: &[Id]) -> Result<Loaded
             out.get_mut(&frame.id).expect("asked for it").1 = tree;
             Ok(())
         })?;
-        if i != batch.len() {
-            return Err(RestoreError::Protocol(format!(
-                "asked for {} trees, got {i}",
-                batch.len()
-            )));
-        }
     }
     Ok(out)
 }
