@@ -139,21 +139,27 @@ pub(crate) fn fetch_in_order(
     what: &str,
     each: &mut OnBlob<'_>,
 ) -> Result<(), RestoreError> {
+    const NEXT: &str = "retry; if it repeats, run the same Morgana version on the agent and the \
+                        appliance (and its reflectors)";
     let mut i = 0;
     source.fetch(ids, &mut |frame, stored| {
-        let expected = ids.get(i).copied();
-        if expected != Some(frame.id) {
-            return Err(RestoreError::Protocol(format!(
-                "asked for {what} {expected:?}, got blob {}",
+        let wrong = match ids.get(i) {
+            Some(&expected) if expected == frame.id => None,
+            Some(expected) => Some(format!(
+                "asked for {what} {expected}, got blob {}",
                 frame.id
-            )));
+            )),
+            None => Some(format!("asked for {} {what}s, got more", ids.len())),
+        };
+        if let Some(wrong) = wrong {
+            return Err(RestoreError::Protocol(format!("{wrong}; {NEXT}")));
         }
         i += 1;
         each(frame, stored)
     })?;
     if i != ids.len() {
         return Err(RestoreError::Protocol(format!(
-            "asked for {} {what}s, the answer ended after {i}",
+            "asked for {} {what}s, the answer ended after {i}; {NEXT}",
             ids.len()
         )));
     }
@@ -967,6 +973,34 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_out_of_order_or_short_is_refused() {
+        /// Answers with the blobs asked for, reversed and without the last one.
+        struct Muddled(MemSource);
+        impl BlobSource for Muddled {
+            fn fetch(&self, ids: &[Id], each: &mut OnBlob<'_>) -> Result<(), RestoreError> {
+                let mut reversed = ids.to_vec();
+                reversed.reverse();
+                self.0.fetch(&reversed[..ids.len() - 1], each)
+            }
+        }
+        let src = Muddled(MemSource::default());
+        let a = src.0.put(morgana_core::pack::BlobKind::Chunk, b"a");
+        let b = src.0.put(morgana_core::pack::BlobKind::Chunk, b"b");
+        let err = fetch_in_order(&src, &[a, b], "chunk", &mut |_, _| Ok(())).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("asked for chunk {a}, got blob {b}")),
+            "{msg}"
+        );
+        assert!(msg.contains("same Morgana version"), "{msg}");
+        let err = fetch_in_order(&src, &[a, a], "chunk", &mut |_, _| Ok(())).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("asked for 2 chunks, the answer ended after 1")
+        );
+    }
+
+    #[test]
     fn wide_and_deep_trees_are_read_ahead_in_few_requests() {
         // 600 directories one level down (more than one read-ahead request takes), their
         // entries together past the read-ahead's budget, identical empty directories
@@ -1010,7 +1044,8 @@ mod tests {
         );
         assert!(tmp.path().join("t0/d000/e").is_dir());
         assert!(!tmp.path().join("kept").exists());
-        // One directory per request would be 1 + 6 + 600 + 1; inline files need none.
+        // The walk before the read-ahead made a request per directory with subdirectories
+        // (over 600 here); inline files need none.
         let requests = src.requests.load(std::sync::atomic::Ordering::Relaxed);
         assert!(requests <= 6, "{requests} requests");
         src.forget(kept_id);

@@ -220,10 +220,11 @@ const DIRECT_ALIGN: usize = 4096;
 const DIRECT_CHUNK: usize = 1 << 20;
 
 /// Creates `path` (a name unique to this writer) and writes `bytes` into it, bypassing the
-/// page cache where the filesystem allows. A pack is not read back soon after it is written, and copying it into the page
-/// cache was the largest single cost of storing one (a third of the appliance's CPU in a
-/// first sync, most of it faulting in fresh cache pages); the direct path instead copies
-/// through a small aligned buffer that stays in the CPU cache.
+/// page cache where the filesystem allows. A pack is not read back soon after it is
+/// written, and copying it into the page cache was the largest single cost of storing one
+/// (a third of the appliance's CPU in a first sync, most of it faulting in fresh cache
+/// pages); the direct path instead copies through a small aligned buffer that stays in the
+/// CPU cache.
 fn write_new_file(path: &Path, bytes: &[u8]) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     let direct = std::fs::OpenOptions::new()
