@@ -362,7 +362,7 @@ impl Client {
         Ok(out)
     }
 
-    pub async fn upload_pack(&self, pack: Vec<u8>) -> Result<wire::PackAccepted, ClientError> {
+    pub async fn upload_pack(&self, pack: bytes::Bytes) -> Result<wire::PackAccepted, ClientError> {
         let len = pack.len();
         let rb = self.http.post(self.url(wire::PATH_PACKS)).body(pack);
         Self::json("upload pack", self.send("upload pack", rb, len).await?).await

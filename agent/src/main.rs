@@ -166,6 +166,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Before the runtime starts its threads: an arena limit set later leaves the arenas of
+    // threads that already allocated, so the sync's peak RSS varied from run to run.
+    if matches!(cli.command, Command::Sync { .. } | Command::Run { .. }) {
+        sync::limit_malloc_caching();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

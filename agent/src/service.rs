@@ -113,7 +113,6 @@ async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
 }
 
 pub async fn run(state: State, opts: Options) -> anyhow::Result<()> {
-    crate::sync::limit_malloc_caching();
     let device = state.device()?;
     // Two clients: the data client's byte counter measures what a sync sends, so control
     // traffic goes through its own.

@@ -205,7 +205,9 @@ fn drain<T>(m: &std::sync::Mutex<Vec<T>>) -> Vec<T> {
 /// Chunk buffers (up to 256 KiB) are allocated on one thread and freed on another. glibc's
 /// defaults let that grow memory well past what is live: freed large blocks raise the mmap
 /// threshold, so later ones land in per-thread arenas that fragment. A fixed threshold and
-/// few arenas keep the agent's peak RSS close to its live data.
+/// few arenas keep the agent's peak RSS close to its live data. Call it before any thread
+/// starts: it overrides [`morgana_core::memory::keep_freed_buffers`] for the commands that
+/// sync (pack buffers are recycled by the upload stage instead).
 pub fn limit_malloc_caching() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only tunes the allocator; it has no memory-safety preconditions.

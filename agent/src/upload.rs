@@ -337,6 +337,53 @@ pub struct UploadTotals {
     pub new_blobs: u64,
 }
 
+/// Pack buffers, back from finished uploads. Each pack is then written into memory that is
+/// already mapped: a fresh 17 MiB buffer per pack cost about 4,300 page faults, each one
+/// zeroing a page (and, on a VM that hands freed pages back to its host, a host fault).
+/// At most [`UPLOADS_IN_FLIGHT`] + 1 buffers exist, the packs that are live anyway.
+#[derive(Clone, Default)]
+struct PackBuffers(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl PackBuffers {
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// `buf` as an upload body that comes back here when the upload lets go of it.
+    fn lend(&self, buf: Vec<u8>) -> bytes::Bytes {
+        bytes::Bytes::from_owner(Lent {
+            buf,
+            home: self.clone(),
+        })
+    }
+}
+
+struct Lent {
+    buf: Vec<u8>,
+    home: PackBuffers,
+}
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        self.home
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(buf);
+    }
+}
+
 /// Fills packs and uploads each as soon as it passes the target size.
 pub fn pack(
     rx: Receiver<Compressed>,
@@ -348,6 +395,7 @@ pub fn pack(
     let mut totals = UploadTotals::default();
     let mut builder: Option<PackBuilder> = None;
     let mut chunks_in_pack = 0u64;
+    let buffers = PackBuffers::default();
 
     let send = |b: PackBuilder,
                 chunks: u64,
@@ -359,10 +407,10 @@ pub fn pack(
         let permit = rt
             .block_on(permits.clone().acquire_owned())
             .map_err(|_| UploadError::Cancelled)?;
-        let pack = b.finish();
+        let body = buffers.lend(b.finish().bytes);
         let client = client.clone();
         uploads.push(rt.spawn(async move {
-            let accepted = client.upload_pack(pack.bytes).await?;
+            let accepted = client.upload_pack(body).await?;
             drop(permit);
             Ok(UploadTotals {
                 packs: 1,
@@ -384,7 +432,7 @@ pub fn pack(
     };
 
     for blob in rx {
-        let b = builder.get_or_insert_with(PackBuilder::default);
+        let b = builder.get_or_insert_with(|| PackBuilder::with_buffer(buffers.take()));
         b.add_stored(
             blob.id,
             blob.kind,
@@ -425,6 +473,22 @@ mod tests {
 
     fn random(n: usize) -> Vec<u8> {
         morgana_core::testdata::noise(n, 1)
+    }
+
+    #[test]
+    fn a_pack_buffer_comes_back_once_its_upload_lets_go() {
+        let buffers = PackBuffers::default();
+        let mut buf = buffers.take();
+        buf.extend_from_slice(b"pack bytes");
+        let (ptr, capacity) = (buf.as_ptr(), buf.capacity());
+        let body = buffers.lend(buf);
+        let clone = body.clone();
+        drop(body);
+        assert_eq!(buffers.take().capacity(), 0, "still lent to a clone");
+        assert_eq!(&clone[..], b"pack bytes");
+        drop(clone);
+        let back = buffers.take();
+        assert_eq!((back.as_ptr(), back.capacity()), (ptr, capacity));
     }
 
     #[test]

@@ -163,13 +163,7 @@ pub struct PackBuilder {
 
 impl Default for PackBuilder {
     fn default() -> Self {
-        let mut buf = Vec::with_capacity(TARGET_PACK_BYTES + 1024 * 1024);
-        buf.extend_from_slice(PACK_MAGIC);
-        buf.extend_from_slice(&[PACK_VERSION, 0, 0, 0]);
-        PackBuilder {
-            buf,
-            entries: Vec::new(),
-        }
+        PackBuilder::with_buffer(Vec::new())
     }
 }
 
@@ -181,6 +175,19 @@ pub struct Pack {
 }
 
 impl PackBuilder {
+    /// A builder that writes into `buf`, cleared first, so that a pack's memory can serve
+    /// the next one.
+    pub fn with_buffer(mut buf: Vec<u8>) -> Self {
+        buf.clear();
+        buf.reserve(TARGET_PACK_BYTES + 1024 * 1024);
+        buf.extend_from_slice(PACK_MAGIC);
+        buf.extend_from_slice(&[PACK_VERSION, 0, 0, 0]);
+        PackBuilder {
+            buf,
+            entries: Vec::new(),
+        }
+    }
+
     /// Appends an already compressed blob.
     pub fn add_stored(
         &mut self,
@@ -317,6 +324,22 @@ mod tests {
             b.add_stored(Id::of(raw), BlobKind::Chunk, c, &out, raw.len() as u32);
         }
         b.finish()
+    }
+
+    #[test]
+    fn a_reused_buffer_builds_the_same_pack() {
+        let first = build(&[&[1u8; 5000], b"first"]);
+        let mut codec = Codec::new(DEFAULT_ZSTD_LEVEL);
+        let mut out = Vec::new();
+        let mut b = PackBuilder::with_buffer(first.bytes);
+        for raw in [&[2u8; 3000][..], b"second"] {
+            let c = codec.compress_into(raw, &mut out);
+            b.add_stored(Id::of(raw), BlobKind::Chunk, c, &out, raw.len() as u32);
+        }
+        let reused = b.finish();
+        let fresh = build(&[&[2u8; 3000], b"second"]);
+        assert_eq!(reused.bytes, fresh.bytes);
+        assert_eq!(reused.id, fresh.id);
     }
 
     #[test]

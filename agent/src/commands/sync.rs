@@ -9,10 +9,9 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
 use crate::client::Client;
 use crate::state::State;
-use crate::sync::{limit_malloc_caching, sync_locked};
+use crate::sync::sync_locked;
 
 pub async fn run(state_dir: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
-    limit_malloc_caching();
     let state = State::open(state_dir)?;
     let client = Arc::new(Client::for_device(&state)?);
     client.health().await?;
