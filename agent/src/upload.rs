@@ -49,9 +49,18 @@ pub enum UploadError {
 /// A counting semaphore over bytes, abortable so that no stage waits forever after
 /// another has failed.
 pub struct Budget {
-    state: Mutex<(usize, bool)>,
+    state: Mutex<Held>,
     cv: Condvar,
     cap: usize,
+}
+
+#[derive(Default)]
+struct Held {
+    bytes: usize,
+    waiters: usize,
+    /// The largest request among the waiters (or that waited since there were none).
+    largest_wait: usize,
+    aborted: bool,
 }
 
 /// Bytes held from a [`Budget`], given back on drop.
@@ -63,47 +72,66 @@ pub struct Lease {
 impl Budget {
     pub fn new(cap: usize) -> Arc<Budget> {
         Arc::new(Budget {
-            state: Mutex::new((0, false)),
+            state: Mutex::new(Held::default()),
             cv: Condvar::new(),
             cap,
         })
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Waits for `bytes` (capped at the whole budget, so one huge tree cannot wait forever).
     pub fn acquire(self: &Arc<Self>, bytes: usize) -> Result<Lease, UploadError> {
         let bytes = bytes.min(self.cap);
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.lock();
         loop {
-            if st.1 {
+            if st.aborted {
                 return Err(UploadError::Cancelled);
             }
-            if st.0 + bytes <= self.cap {
-                st.0 += bytes;
+            if st.bytes + bytes <= self.cap {
+                st.bytes += bytes;
                 return Ok(Lease {
                     budget: self.clone(),
                     bytes,
                 });
             }
+            st.waiters += 1;
+            st.largest_wait = st.largest_wait.max(bytes);
             st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st.waiters -= 1;
+            if st.waiters == 0 {
+                st.largest_wait = 0;
+            }
         }
     }
 
     pub fn is_aborted(&self) -> bool {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).1
+        self.lock().aborted
     }
 
     /// Wakes every waiter with [`UploadError::Cancelled`].
     pub fn abort(&self) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.lock().aborted = true;
         self.cv.notify_all();
     }
 }
 
 impl Drop for Lease {
+    /// Wakes the waiters only once the largest of them fits: a wake-up is a system call
+    /// whether anyone waits or not, and waking readers for every small blob packed (one
+    /// wake-up per blob, half of the agent's futex calls) only sent them back to sleep.
+    /// Leases drain to zero whatever the readers do, so every waiter is woken in the end.
     fn drop(&mut self) {
-        let mut st = self.budget.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.0 -= self.bytes;
-        self.budget.cv.notify_all();
+        let wake = {
+            let mut st = self.budget.lock();
+            st.bytes -= self.bytes;
+            st.waiters > 0 && st.bytes + st.largest_wait <= self.budget.cap
+        };
+        if wake {
+            self.budget.cv.notify_all();
+        }
     }
 }
 
@@ -558,5 +586,24 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         b.abort();
         assert!(matches!(t.join().unwrap(), Err(UploadError::Cancelled)));
+    }
+
+    #[test]
+    fn waiters_small_and_large_all_get_through_as_leases_drain() {
+        let b = Budget::new(100);
+        let mut held: Vec<Lease> = (0..4).map(|_| b.acquire(25).unwrap()).collect();
+        let waiter = |bytes| {
+            let b = b.clone();
+            std::thread::spawn(move || b.acquire(bytes).map(|l| l.bytes))
+        };
+        let (large, small) = (waiter(70), waiter(10));
+        std::thread::sleep(Duration::from_millis(20));
+        // 25 free: the large waiter does not fit yet, so nobody is woken for it.
+        held.pop();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!large.is_finished());
+        held.clear();
+        assert_eq!(large.join().unwrap().unwrap(), 70);
+        assert_eq!(small.join().unwrap().unwrap(), 10);
     }
 }
