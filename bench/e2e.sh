@@ -2,7 +2,8 @@
 # End-to-end benchmark: Morgana (appliance + agent on this box, TLS over loopback) beside
 # restic, borg and rsync on the same generated endpoint trees, in the same run.
 #
-#   bench/e2e.sh [WORKDIR]        (default bench/out; SCALE=1 gives ~50k entries per endpoint)
+#   bench/e2e.sh [WORKDIR]        (default bench/out; SCALE=1 gives ~50k entries per endpoint;
+#                                  REPS=3 cold runs of each tool's initial sync and restore)
 #
 # Installs restic, borgbackup and rsync from Debian when they are missing
 # (MORGANA_BENCH_INSTALL=0 to skip); a tool that is absent is left out of the table.
@@ -43,34 +44,61 @@ swap_in_changed() { rm -rf "$WORK/ep0-work"; cp -a "$WORK/ep0" "$WORK/ep0-work";
 trap 'kill "${SERVE:-}" 2>/dev/null || true; unmount_targets' EXIT
 
 declare -A R
+# Speeds (initial sync, restore) are each the median of REPS cold runs, the same for every
+# tool: on this kind of host one run in a few stalls for tens of seconds (a restore that
+# takes 3.3 s once took 46 s right after a large copy), and a single sample let such a
+# stall decide a ratio. The last run's repository goes on to the later steps.
+REPS=${REPS:-3}
+# timed KEY SETUP CMD...: REPS times, runs SETUP (in this shell, untimed), then times CMD;
+# R[KEY] is the median seconds and R[KEY-runs] every run.
+timed() {
+    local key=$1 setup=$2 runs=()
+    shift 2
+    for _ in $(seq "$REPS"); do
+        $setup
+        runs+=("$(seconds "$@")")
+    done
+    R[$key]=$(printf '%s\n' "${runs[@]}" | median)
+    R[$key-runs]=$(printf '%.2f ' "${runs[@]}")
+}
 # ---------------------------------------------------------------- Morgana
-M=$WORK/morgana; mkdir -p "$M"
-"$BIN/morgana" serve --data-dir "$M/data" --listen 127.0.0.1:0 > "$M/serve.out" 2> "$M/serve.err" &
-SERVE=$!
-for _ in $(seq 100); do grep -q listening "$M/serve.out" 2>/dev/null && break; sleep 0.1; done
-URL=$(sed -n 's/^morgana listening on //p' "$M/serve.out")
-RSS_LOG=$M/rss.log
-# Every agent run goes through here, so the peak RSS covers the initial sync too.
+M=$WORK/morgana
+RSS_LOG=$WORK/morgana-rss.log; rm -f "$RSS_LOG"
+# Every agent run goes through here, so the peak RSS covers the initial syncs too.
 agent() {
     python3 -c 'import resource,subprocess,sys
 r = subprocess.run(sys.argv[2:])
 open(sys.argv[1], "a").write("%d\n" % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 sys.exit(r.returncode)' "$RSS_LOG" "$BIN/morgana-agent" "$@"
 }
+# A new, empty appliance with every endpoint enrolled.
+morgana_fresh() {
+    if [[ -n ${SERVE:-} ]]; then kill "$SERVE"; wait "$SERVE" 2>/dev/null || true; fi
+    rm -rf "$M"; mkdir -p "$M"
+    "$BIN/morgana" serve --data-dir "$M/data" --listen 127.0.0.1:0 > "$M/serve.out" 2> "$M/serve.err" &
+    SERVE=$!
+    for _ in $(seq 100); do grep -q listening "$M/serve.out" 2>/dev/null && break; sleep 0.1; done
+    URL=$(sed -n 's/^morgana listening on //p' "$M/serve.out")
+    local i root
+    for i in $(seq 0 $((ENDPOINTS - 1))); do
+        root=$WORK/ep$i; [[ $i == 0 ]] && root=$WORK/ep0-work
+        agent enroll --server "$URL" --token "$("$BIN/morgana" enroll-token --data-dir "$M/data")" \
+            --root "$root" --state-dir "$M/state$i" > /dev/null
+    done
+    drop_caches
+}
+# restore_setup NAME: the previous run's target goes, a new one is made, caches dropped.
+restore_setup() { unmount_targets; restore_target "$1"; drop_caches; }
+
 swap_in_changed; settle
-for i in $(seq 0 $((ENDPOINTS - 1))); do
-    root=$WORK/ep$i; [[ $i == 0 ]] && root=$WORK/ep0-work
-    agent enroll --server "$URL" --token "$("$BIN/morgana" enroll-token --data-dir "$M/data")" \
-        --root "$root" --state-dir "$M/state$i" > /dev/null
-done
-drop_caches
-R[m_init]=$(seconds agent sync --json --state-dir "$M/state0")
+timed m_init morgana_fresh agent sync --json --state-dir "$M/state0"
 R[m_init_json]=$(cat "$WORK/last.out")
 R[m_nochange]=$(seconds agent sync --json --state-dir "$M/state0")
 rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
 R[m_change_sent]=$(agent sync --json --state-dir "$M/state0" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_sent"])')
-restore_target morgana-restore; drop_caches
-R[m_restore]=$(seconds agent restore --snapshot latest --to "$TO" --state-dir "$M/state0")
+m_restore() { agent restore --snapshot latest --to "$TO" --state-dir "$M/state0"; }
+timed m_restore "restore_setup morgana-restore" m_restore
+unmount_targets
 for i in $(seq 1 $((ENDPOINTS - 1))); do agent sync --state-dir "$M/state$i" > /dev/null; done
 R[m_rss]=$(sort -n "$RSS_LOG" | tail -1)
 R[m_volume]=$(du -sb "$M/data/volumes" | cut -f1)
@@ -80,17 +108,18 @@ kill $SERVE; wait $SERVE 2>/dev/null || true
 # ---------------------------------------------------------------- restic
 if command -v restic >/dev/null; then
     export RESTIC_PASSWORD=bench RESTIC_REPOSITORY=$WORK/restic-repo
-    restic init -q
-    swap_in_changed; settle; drop_caches
-    R[r_init]=$(seconds restic backup -q --host ep0 "$WORK/ep0-work")
+    restic_fresh() { rm -rf "$RESTIC_REPOSITORY"; restic init -q; drop_caches; }
+    swap_in_changed; settle
+    timed r_init restic_fresh restic backup -q --host ep0 "$WORK/ep0-work"
     R[r_nochange]=$(seconds restic backup -q --host ep0 "$WORK/ep0-work")
     rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
     R[r_change_sent]=$(restic backup --json --host ep0 "$WORK/ep0-work" | python3 -c 'import json,sys
 for l in sys.stdin:
     d = json.loads(l)
     if d.get("message_type") == "summary": print(d["data_added"])')
-    restore_target restic-restore; drop_caches
-    R[r_restore]=$(seconds restic restore -q latest --host ep0 --target "$TO")
+    r_restore() { restic restore -q latest --host ep0 --target "$TO"; }
+    timed r_restore "restore_setup restic-restore" r_restore
+    unmount_targets
     for i in $(seq 1 $((ENDPOINTS - 1))); do restic backup -q --host "ep$i" "$WORK/ep$i" >/dev/null; done
     R[r_volume]=$(du -sb "$WORK/restic-repo" | cut -f1)
 fi
@@ -98,27 +127,31 @@ fi
 # ---------------------------------------------------------------- borg
 if command -v borg >/dev/null; then
     export BORG_REPO=$WORK/borg-repo BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
-    borg init -e none "$BORG_REPO"
-    swap_in_changed; settle; drop_caches
-    R[b_init]=$(seconds borg create --compression lz4 ::ep0-1 "$WORK/ep0-work")
+    borg_fresh() { rm -rf "$BORG_REPO"; borg init -e none "$BORG_REPO"; drop_caches; }
+    swap_in_changed; settle
+    timed b_init borg_fresh borg create --compression lz4 ::ep0-1 "$WORK/ep0-work"
     R[b_nochange]=$(seconds borg create --compression lz4 ::ep0-2 "$WORK/ep0-work")
     rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
     R[b_change_sent]=$(borg create --compression lz4 --json ::ep0-3 "$WORK/ep0-work" | python3 -c 'import json,sys; print(json.load(sys.stdin)["archive"]["stats"]["deduplicated_size"])' 2>/dev/null || echo)
-    restore_target borg-restore; mkdir -p "$TO"; drop_caches
-    R[b_restore]=$(cd "$TO" && seconds borg extract ::ep0-1)
+    borg_restore_setup() { restore_setup borg-restore; mkdir -p "$TO"; }
+    b_restore() { cd "$TO" && borg extract ::ep0-1; }
+    timed b_restore borg_restore_setup b_restore
+    unmount_targets
     for i in $(seq 1 $((ENDPOINTS - 1))); do borg create --compression lz4 "::ep$i" "$WORK/ep$i"; done
     R[b_volume]=$(du -sb "$BORG_REPO" | cut -f1)
 fi
 
 # ---------------------------------------------------------------- rsync
 if command -v rsync >/dev/null; then
-    swap_in_changed; rm -rf "$WORK/rsync-mirror"; settle; drop_caches
-    R[s_init]=$(seconds rsync -a "$WORK/ep0-work/" "$WORK/rsync-mirror/")
+    rsync_fresh() { rm -rf "$WORK/rsync-mirror"; drop_caches; }
+    swap_in_changed; settle
+    timed s_init rsync_fresh rsync -a "$WORK/ep0-work/" "$WORK/rsync-mirror/"
     R[s_nochange]=$(seconds rsync -a --stats "$WORK/ep0-work/" "$WORK/rsync-mirror/")
     rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
     R[s_change_sent]=$(rsync -a --delete --stats "$WORK/ep0-work/" "$WORK/rsync-mirror/" | sed -n 's/^Total bytes sent: //p' | tr -d ,)
-    restore_target rsync-restore; drop_caches
-    R[s_restore]=$(seconds rsync -a "$WORK/rsync-mirror/" "$TO/")
+    s_restore() { rsync -a "$WORK/rsync-mirror/" "$TO/"; }
+    timed s_restore "restore_setup rsync-restore" s_restore
+    unmount_targets
 fi
 
 # ---------------------------------------------------------------- table
@@ -140,3 +173,8 @@ row "restore MiB/s" "$m_rspeed" "$r_rspeed" "$b_rspeed" "$s_rspeed"
 row "volume bytes, $ENDPOINTS endpoints" "$(v m_volume)" "$(v r_volume)" "$(v b_volume)" ""
 printf '%-30s %12s\n' "morgana catalog bytes" "$(v m_catalog)"
 printf '%-30s %12s\n' "agent peak RSS MiB" "$(( $(v m_rss) / 1024 ))"
+echo
+echo "each run in seconds (speeds above are from the medians):"
+for k in m_init r_init b_init s_init m_restore r_restore b_restore s_restore; do
+    if [[ -n $(v "$k-runs") ]]; then printf '  %-10s %s\n' "$k" "$(v "$k-runs")"; fi
+done
