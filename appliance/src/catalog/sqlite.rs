@@ -547,11 +547,15 @@ impl Catalog for SqliteCatalog {
             .await
             .map_err(q(DOING))?;
         insert_pack_row(&mut tx, pack, DOING).await?;
+        // In key order, each row lands next to the last in the id index instead of on a
+        // random page of it.
+        let mut by_id = entries.to_vec();
+        by_id.sort_unstable_by_key(|e| e.id);
         insert_rows(
             &mut tx,
             "INSERT OR IGNORE INTO blobs (id, pack, kind, compression, offset, stored_len, raw_len)",
             "(?, ?, ?, ?, ?, ?, ?)",
-            entries,
+            &by_id,
             |q, e| {
                 q.bind(e.id.0.to_vec())
                     .bind(pack.id.0.to_vec())
