@@ -370,6 +370,19 @@ async fn restore_and_download(
     sign_in(c, base, "admin", ADMIN_PASSWORD).await?;
     wait_css(c, "#protected-percent").await?;
 
+    // Read through the page's script, not element handles: htmx replaces fragments (on
+    // every poll, or with a form's answer), so a handle found a moment ago may be gone
+    // ("stale element").
+    let text_of = |id: &'static str| async move {
+        let v = c
+            .execute(
+                "const e = document.getElementById(arguments[0]); return e ? e.textContent : '';",
+                vec![serde_json::json!(id)],
+            )
+            .await?;
+        anyhow::Ok(v.as_str().unwrap_or_default().trim().to_owned())
+    };
+
     // Find the device, make ann its owner.
     c.goto(&format!("{base}/devices")).await?;
     wait_css(c, "#q").await?.send_keys(hostname).await?;
@@ -388,8 +401,18 @@ async fn restore_and_download(
         .await?
         .click()
         .await?;
-    let who = wait_css(c, "#owner").await?.text().await?;
-    assert_eq!(who.trim(), "ann");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let who = text_of("owner").await?;
+        if who == "ann" {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the owner still reads {who:?} after saving ann"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     screenshot(c, "device-actions").await?;
 
     // Browse the snapshot down to docs, restore it to a new place.
@@ -422,17 +445,6 @@ async fn restore_and_download(
 
     // The job page follows the job by itself (htmx polling) until it has succeeded.
     wait_css(c, "#job-progress").await?;
-    // Read through the page's script, not element handles: htmx replaces the fragment on
-    // every poll, so a handle found a moment ago may be gone ("stale element").
-    let text_of = |id: &'static str| async move {
-        let v = c
-            .execute(
-                "const e = document.getElementById(arguments[0]); return e ? e.textContent : '';",
-                vec![serde_json::json!(id)],
-            )
-            .await?;
-        anyhow::Ok(v.as_str().unwrap_or_default().trim().to_owned())
-    };
     let deadline = std::time::Instant::now() + PATIENCE;
     let state = loop {
         let state = text_of("job-state").await?;
