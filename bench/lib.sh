@@ -5,8 +5,11 @@ drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
 
 # settle: lets the disk absorb what was just written before the next tool is timed. Right
 # after 1.4 GB was copied, a first sync ran 0.7-1.2 s slower than 20 s later, so without
-# this the tool timed first after generating the trees paid for them.
-settle() { sync; sleep "${SETTLE_SECONDS:-20}"; }
+# this the tool timed first after generating the trees paid for them. 20 s was not enough
+# on a slower day: with it, every tool's three runs of the initial sync got faster one after
+# the other (restic 20.8, 16.8, 14.6 s; rsync 21.1, 23.7, 12.3 s; Morgana 12.5, 12.9, 9.7 s),
+# which counts most against the fastest tool, whose runs all fall early.
+settle() { sync; sleep "${SETTLE_SECONDS:-60}"; }
 
 # seconds CMD...: runs CMD, prints elapsed seconds on stdout; CMD's stdout goes to $WORK/last.out
 seconds() {
