@@ -92,7 +92,6 @@ restore_setup() { unmount_targets; restore_target "$1"; drop_caches; }
 
 swap_in_changed; settle
 timed m_init morgana_fresh agent sync --json --state-dir "$M/state0"
-R[m_init_json]=$(cat "$WORK/last.out")
 R[m_nochange]=$(seconds agent sync --json --state-dir "$M/state0")
 rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
 R[m_change_sent]=$(agent sync --json --state-dir "$M/state0" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_sent"])')

@@ -339,8 +339,7 @@ fn bits_per_byte(data: &[u8]) -> f64 {
 /// frequencies, then, if those look random, a trial at the fastest level. Already
 /// compressed or encrypted data (media, archives, libraries' packed sections) is about half
 /// of a desktop; searching it for matches at the real level costs most of the compression
-/// time and gains nothing. A blob misjudged here is stored raw,
-/// which is always correct.
+/// time and gains nothing. A blob misjudged here is stored raw, which is always correct.
 fn looks_incompressible(probe: &mut Codec, data: &[u8], scratch: &mut Vec<u8>) -> bool {
     if data.len() < 2 * PROBE_BYTES {
         return false;

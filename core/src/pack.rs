@@ -316,8 +316,11 @@ mod tests {
     use super::*;
 
     fn build(blobs: &[&[u8]]) -> Pack {
+        fill(PackBuilder::default(), blobs)
+    }
+
+    fn fill(mut b: PackBuilder, blobs: &[&[u8]]) -> Pack {
         let mut codec = Codec::new(DEFAULT_ZSTD_LEVEL);
-        let mut b = PackBuilder::default();
         let mut out = Vec::new();
         for raw in blobs {
             let c = codec.compress_into(raw, &mut out);
@@ -329,14 +332,10 @@ mod tests {
     #[test]
     fn a_reused_buffer_builds_the_same_pack() {
         let first = build(&[&[1u8; 5000], b"first"]);
-        let mut codec = Codec::new(DEFAULT_ZSTD_LEVEL);
-        let mut out = Vec::new();
-        let mut b = PackBuilder::with_buffer(first.bytes);
-        for raw in [&[2u8; 3000][..], b"second"] {
-            let c = codec.compress_into(raw, &mut out);
-            b.add_stored(Id::of(raw), BlobKind::Chunk, c, &out, raw.len() as u32);
-        }
-        let reused = b.finish();
+        let reused = fill(
+            PackBuilder::with_buffer(first.bytes),
+            &[&[2u8; 3000], b"second"],
+        );
         let fresh = build(&[&[2u8; 3000], b"second"]);
         assert_eq!(reused.bytes, fresh.bytes);
         assert_eq!(reused.id, fresh.id);
