@@ -472,17 +472,12 @@ async fn upload_pack(
             .map_err(|e| ApiError::internal("checking a pack", e))??
     };
     let ids: Vec<Id> = entries.iter().map(|e| e.id).collect();
-    // Held before deduplicating against what is stored: a blob found present here must not
-    // be collected before the snapshot that uses it is committed.
-    state
-        .0
-        .catalog
-        .hold(&device.id, &ids, crate::clock::now_ms())
-        .await?;
+    // Held as it is deduplicated against what is stored: a blob found present here must
+    // not be collected before the snapshot that uses it is committed.
     let new: HashSet<Id> = state
         .0
         .catalog
-        .missing_blobs(&ids)
+        .hold_and_find_missing(&device.id, &ids, crate::clock::now_ms())
         .await?
         .into_iter()
         .collect();

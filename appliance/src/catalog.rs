@@ -163,6 +163,19 @@ pub trait Catalog: Send + Sync {
     /// reach) until the device commits a snapshot or the hold expires.
     async fn hold(&self, device_id: &str, ids: &[Id], now_ms: i64) -> Result<()>;
 
+    /// Holds ids (see `hold`) and returns, in the order given, those the blob index does
+    /// not hold: what a pack about to be stored must carry. Held first, so nothing found
+    /// present can be collected before the device commits.
+    async fn hold_and_find_missing(
+        &self,
+        device_id: &str,
+        ids: &[Id],
+        now_ms: i64,
+    ) -> Result<Vec<Id>> {
+        self.hold(device_id, ids, now_ms).await?;
+        self.missing_blobs(ids).await
+    }
+
     /// Locations of the ids, aligned with the input (`None` for ids not indexed).
     async fn locate_blobs(&self, ids: &[Id]) -> Result<Vec<Option<BlobLocation>>>;
 

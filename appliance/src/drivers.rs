@@ -301,12 +301,7 @@ impl Importer {
         let catalog = self.catalog.clone();
         let missing: HashSet<Id> = self
             .runtime
-            .block_on(async {
-                catalog
-                    .hold(&self.holder, &ids, crate::clock::now_ms())
-                    .await?;
-                catalog.missing_blobs(&ids).await
-            })?
+            .block_on(catalog.hold_and_find_missing(&self.holder, &ids, crate::clock::now_ms()))?
             .into_iter()
             .collect();
         if missing.is_empty() {

@@ -564,10 +564,11 @@ impl<'a> Capture<'a> {
         self.pending_bytes = 0;
         let ids: Vec<Id> = pending.iter().map(|(id, _)| *id).collect();
         let catalog = self.env.catalog;
-        catalog
-            .hold(&self.holder, &ids, crate::clock::now_ms())
-            .await?;
-        let missing: HashSet<Id> = catalog.missing_blobs(&ids).await?.into_iter().collect();
+        let missing: HashSet<Id> = catalog
+            .hold_and_find_missing(&self.holder, &ids, crate::clock::now_ms())
+            .await?
+            .into_iter()
+            .collect();
         if missing.is_empty() {
             return Ok(());
         }

@@ -105,7 +105,7 @@ impl SqliteCatalog {
         .bind(user.must_change)
         .bind(user.disabled)
         .bind(&user.created)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(q("adding a user"))?;
         if res.rows_affected() == 0 {
@@ -235,7 +235,7 @@ impl SqliteCatalog {
     pub(super) async fn accounts_delete_session(&self, secret_hash: Id) -> Result<()> {
         sqlx::query("DELETE FROM sessions WHERE secret_hash = ?")
             .bind(secret_hash.0.to_vec())
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(q("ending a session"))?;
         Ok(())
@@ -255,7 +255,7 @@ impl SqliteCatalog {
         .bind(label)
         .bind(crate::clock::rfc3339_ms(crate::clock::now_ms()))
         .bind(user)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writer)
         .await
         .map_err(q("issuing an API token"))?;
         match row {
@@ -277,7 +277,7 @@ impl SqliteCatalog {
     pub(super) async fn accounts_revoke_api_token(&self, id: i64) -> Result<bool> {
         let res = sqlx::query("UPDATE api_tokens SET revoked = 1 WHERE id = ?")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(q("revoking an API token"))?;
         Ok(res.rows_affected() > 0)
@@ -408,7 +408,7 @@ impl SqliteCatalog {
         let res = sqlx::query("UPDATE devices SET owner = ? WHERE id = ?")
             .bind(owner)
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(q("setting a device's owner"))?;
         Ok(res.rows_affected() > 0)
@@ -432,7 +432,7 @@ impl SqliteCatalog {
         let res = sqlx::query("UPDATE devices SET portal_disabled = ? WHERE id = ?")
             .bind(i64::from(!enabled))
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(q("setting a device's portal"))?;
         Ok(res.rows_affected() > 0)
@@ -489,7 +489,7 @@ mod tests {
         .bind(hostname)
         .bind(Id::of(id.as_bytes()).0.to_vec())
         .bind(format!("2026-01-01T00:00:00.{:0>3}Z", id.len()))
-        .execute(&cat.pool)
+        .execute(&cat.writer)
         .await
         .unwrap();
     }

@@ -38,11 +38,7 @@ impl SqliteCatalog {
     pub(super) async fn events_record(&self, event: &NewEvent) -> Result<Event> {
         const DOING: &str = "recording an event";
         // IMMEDIATE: two writers must not chain from the same predecessor.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(q(DOING))?;
+        let mut tx = self.write_tx(DOING).await?;
         let prev = sqlx::query("SELECT hash FROM events ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut *tx)
             .await
@@ -247,7 +243,7 @@ mod tests {
         assert_eq!(check, ChainCheck::Intact { events: 11 });
         assert_eq!(next.unwrap().seq, 11);
         sqlx::query("UPDATE events SET hash = zeroblob(32) WHERE seq = 10")
-            .execute(&cat.pool)
+            .execute(&cat.writer)
             .await
             .unwrap();
         assert_eq!(
@@ -259,7 +255,7 @@ mod tests {
         );
 
         sqlx::query("UPDATE events SET message = 'nothing happened' WHERE seq = 4")
-            .execute(&cat.pool)
+            .execute(&cat.writer)
             .await
             .unwrap();
         assert_eq!(

@@ -108,7 +108,7 @@ impl SqliteCatalog {
         .bind(beat.agent_version)
         .bind(beat.last_snapshot)
         .bind(device_id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(q(DOING))?;
         let Some(inventory) = beat.inventory else {
@@ -125,7 +125,7 @@ impl SqliteCatalog {
         .bind(digest.0.to_vec())
         .bind(device_id)
         .bind(digest.0.to_vec())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(q(DOING))?
         .rows_affected();
@@ -149,7 +149,7 @@ impl SqliteCatalog {
         .bind(job.started_ms)
         .bind(job.finished_ms)
         .bind(&job.created_by)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(q("queuing a job"))?;
         Ok(())
@@ -169,7 +169,7 @@ impl SqliteCatalog {
         )))
         .bind(now_ms)
         .bind(device_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writer)
         .await
         .map_err(q("taking the next job"))?;
         row.as_ref().map(job_from_row).transpose()
@@ -223,7 +223,7 @@ impl SqliteCatalog {
         .bind(device_id)
         .bind(except)
         .bind(started_before_ms)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.writer)
         .await
         .map_err(q("failing abandoned jobs"))?;
         rows.iter().map(job_from_row).collect()

@@ -38,11 +38,7 @@ impl SqliteCatalog {
     pub(super) async fn plugins_add(&self, new: &NewPlugin) -> Result<PluginRecord> {
         const DOING: &str = "recording a plugin";
         // IMMEDIATE: two uploads of the same name must not both take the same version.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(q(DOING))?;
+        let mut tx = self.write_tx(DOING).await?;
         let row = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO plugins (name, hook, version, hash, size, added, active) \
              VALUES (?1, ?2, (SELECT COALESCE(MAX(version), 0) + 1 FROM plugins \
@@ -96,11 +92,7 @@ impl SqliteCatalog {
 
     pub(super) async fn plugins_set_active(&self, id: i64, active: bool) -> Result<PluginRecord> {
         const DOING: &str = "switching a plugin on or off";
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(q(DOING))?;
+        let mut tx = self.write_tx(DOING).await?;
         let row = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM plugins WHERE id = ?"
         )))

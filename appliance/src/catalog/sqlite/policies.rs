@@ -63,7 +63,7 @@ impl SqliteCatalog {
         .bind(json)
         .bind(created)
         .bind(actor)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.writer)
         .await
         .map_err(q(DOING))?;
         policy_from_row(&row)
@@ -244,7 +244,7 @@ impl SqliteCatalog {
         .bind(&alert.device_id)
         .bind(alert.since_ms)
         .bind(&alert.message)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(q("opening an alert"))?;
         Ok(done.rows_affected() == 1)
@@ -256,7 +256,7 @@ impl SqliteCatalog {
              RETURNING key, kind, device_id, since_ms, message",
         )
         .bind(key)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writer)
         .await
         .map_err(q("closing an alert"))?;
         row.as_ref().map(alert_from_row).transpose()

@@ -66,7 +66,7 @@ impl SqliteCatalog {
                 .bind(r.site.as_deref())
                 .bind(changed)
                 .bind(changed_by)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await,
                 None => {
                     sqlx::query(
@@ -77,7 +77,7 @@ impl SqliteCatalog {
                     .bind(device_id)
                     .bind(changed)
                     .bind(changed_by)
-                    .execute(&self.pool)
+                    .execute(&self.writer)
                     .await
                 }
             };
@@ -125,7 +125,7 @@ impl SqliteCatalog {
         .bind(beat.cache_limit as i64)
         .bind(beat.bytes_served as i64)
         .bind(now_ms)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(q("recording a reflector heartbeat"))?;
         Ok(res.rows_affected() > 0)
