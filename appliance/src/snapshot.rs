@@ -14,15 +14,19 @@ use std::sync::Arc;
 use morgana_core::Id;
 use morgana_core::tree::{Content, Tree, TreeError};
 
-use crate::catalog::{Catalog, CatalogError};
+use crate::catalog::{BlobLocation, Catalog, CatalogError};
 use crate::store::{PackStore, PackStoreError, with_codec};
 
 /// At most this many missing ids are reported back (and the walk stops there).
 pub const MAX_REPORTED_MISSING: usize = 100;
 
-/// Trees loaded per round of the walk: one location query, one read task and two
+/// Trees loaded per round of the walk: one location query, a few read tasks and two
 /// presence queries serve them all.
 const WALK_BATCH: usize = 512;
+
+/// Trees one blocking task reads: a batch spreads over `WALK_BATCH / TREES_PER_READ`
+/// reads in flight.
+const TREES_PER_READ: usize = 32;
 
 /// Verified trees and files are written in batches of about this many, each batch one
 /// write transaction.
@@ -151,6 +155,21 @@ pub async fn verify_closure(catalog: &Arc<dyn Catalog>, root: Id) -> Result<Clos
     })
 }
 
+/// Reads and decodes trees, each kept with its position in the walk.
+fn read_trees(located: Vec<(u32, Id, BlobLocation)>) -> Result<Vec<(u32, Tree)>, ClosureError> {
+    with_codec(|codec| {
+        located
+            .into_iter()
+            .map(|(position, id, loc)| {
+                let raw = PackStore::read_blob(&loc, codec)?;
+                let tree =
+                    Tree::decode(&raw).map_err(|source| ClosureError::BadTree { id, source })?;
+                Ok((position, tree))
+            })
+            .collect()
+    })
+}
+
 /// Loads the trees at `batch` positions, checks their chunks and queues the subtrees not
 /// yet known complete.
 async fn load_batch(
@@ -169,20 +188,18 @@ async fn load_batch(
             }
         }
     }
-    let trees = tokio::task::spawn_blocking(move || {
-        with_codec(|codec| {
-            located
-                .into_iter()
-                .map(|(position, id, loc)| {
-                    let raw = PackStore::read_blob(&loc, codec)?;
-                    let tree = Tree::decode(&raw)
-                        .map_err(|source| ClosureError::BadTree { id, source })?;
-                    Ok((position, tree))
-                })
-                .collect::<Result<Vec<_>, ClosureError>>()
-        })
-    })
-    .await??;
+    // Packs are written past the page cache, so each tree is a small read from disk: a
+    // few reads in flight at once instead of one after another.
+    let mut reads = Vec::new();
+    while !located.is_empty() {
+        let rest = located.split_off(located.len().min(TREES_PER_READ));
+        let part = std::mem::replace(&mut located, rest);
+        reads.push(tokio::task::spawn_blocking(move || read_trees(part)));
+    }
+    let mut trees = Vec::new();
+    for read in reads {
+        trees.extend(read.await??);
+    }
 
     let mut subtrees = Vec::new();
     let mut chunks = Vec::new();
