@@ -40,27 +40,47 @@ python3 bench/gen.py change "$WORK/ep0-changed"
 LOGICAL=$(du -sb --apparent-size "$WORK/ep0" | cut -f1)
 ENTRIES=$(find "$WORK/ep0" | wc -l)
 
-swap_in_changed() { rm -rf "$WORK/ep0-work"; cp -a "$WORK/ep0" "$WORK/ep0-work"; }
-trap 'kill "${SERVE:-}" 2>/dev/null || true; unmount_targets' EXIT
+cp -a "$WORK/ep0" "$WORK/ep0-work"
+trap 'morgana_stop; unmount_targets' EXIT
 
 declare -A R
-# Speeds (initial sync, restore) are each the median of REPS cold runs, the same for every
-# tool: on this kind of host one run in a few stalls for tens of seconds (a restore that
-# takes 3.3 s once took 46 s right after a large copy), and a single sample let such a
-# stall decide a ratio. The last run's repository goes on to the later steps.
+# The tools take turns: each round of initial syncs (and later of restores) runs every tool
+# once, the first tool of a round moving one place each round. This host's speed drifts
+# within minutes (in session 11 every tool's consecutive runs got faster one after the
+# other, even after a 60 s settle), and with each tool's runs back to back the drift was
+# charged to whichever tool ran first. Interleaved, every tool sees the same drift.
+# Speeds are the median of REPS runs each: one run in a few stalls for tens of seconds
+# (a restore that takes 3.3 s once took 46 s right after a large copy).
 REPS=${REPS:-3}
-# timed KEY SETUP CMD...: REPS times, runs SETUP (in this shell, untimed), then times CMD;
-# R[KEY] is the median seconds and R[KEY-runs] every run.
-timed() {
-    local key=$1 setup=$2 runs=()
-    shift 2
-    for _ in $(seq "$REPS"); do
-        $setup
-        runs+=("$(seconds "$@")")
+TOOLS=(m)
+command -v restic >/dev/null && TOOLS+=(r)
+command -v borg >/dev/null && TOOLS+=(b)
+command -v rsync >/dev/null && TOOLS+=(s)
+# rounds KIND: REPS rounds of "${tool}_${KIND}_setup" (untimed) then "${tool}_${KIND}"
+# (timed, after a settle) for every tool; R[${tool}_${KIND}] is the median seconds and
+# R[${tool}_${KIND}-runs] every run. The last run's repository goes on to the later steps.
+rounds() {
+    local kind=$1 round i t
+    declare -A runs
+    for round in $(seq 0 $((REPS - 1))); do
+        for i in $(seq 0 $((${#TOOLS[@]} - 1))); do
+            t=${TOOLS[$(((i + round) % ${#TOOLS[@]}))]}
+            # No appliance runs while another tool is timed; Morgana's setups start one.
+            morgana_stop
+            "${t}_${kind}_setup"
+            settle
+            runs[$t]+="$(seconds "${t}_${kind}") "
+        done
     done
-    R[$key]=$(printf '%s\n' "${runs[@]}" | median)
-    R[$key-runs]=$(printf '%.2f ' "${runs[@]}")
+    for t in "${TOOLS[@]}"; do
+        R[${t}_$kind]=$(printf '%s\n' ${runs[$t]} | median)
+        R[${t}_$kind-runs]=$(printf '%.2f ' ${runs[$t]})
+    done
+    morgana_stop
 }
+# restore_setup NAME: the previous run's target goes, a new one is made, caches dropped.
+restore_setup() { unmount_targets; restore_target "$1"; drop_caches; }
+
 # ---------------------------------------------------------------- Morgana
 M=$WORK/morgana
 RSS_LOG=$WORK/morgana-rss.log; rm -f "$RSS_LOG"
@@ -71,14 +91,25 @@ r = subprocess.run(sys.argv[2:])
 open(sys.argv[1], "a").write("%d\n" % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 sys.exit(r.returncode)' "$RSS_LOG" "$BIN/morgana-agent" "$@"
 }
-# A new, empty appliance with every endpoint enrolled.
-morgana_fresh() {
-    if [[ -n ${SERVE:-} ]]; then kill "$SERVE"; wait "$SERVE" 2>/dev/null || true; fi
-    rm -rf "$M"; mkdir -p "$M"
-    "$BIN/morgana" serve --data-dir "$M/data" --listen 127.0.0.1:0 > "$M/serve.out" 2> "$M/serve.err" &
+# One port for every appliance of the run: the agents' state keeps the server's URL, and
+# the appliance is stopped while the other tools are timed, then started again.
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+morgana_stop() {
+    if [[ -n ${SERVE:-} ]]; then kill "$SERVE" 2>/dev/null; wait "$SERVE" 2>/dev/null || true; SERVE=; fi
+}
+morgana_start() {
+    rm -f "$M/serve.out"
+    "$BIN/morgana" serve --data-dir "$M/data" --listen "127.0.0.1:$PORT" > "$M/serve.out" 2>> "$M/serve.err" &
     SERVE=$!
     for _ in $(seq 100); do grep -q listening "$M/serve.out" 2>/dev/null && break; sleep 0.1; done
+    grep -q listening "$M/serve.out" || { echo "morgana serve did not start: see $M/serve.err" >&2; exit 1; }
     URL=$(sed -n 's/^morgana listening on //p' "$M/serve.out")
+}
+# A new, empty appliance with every endpoint enrolled.
+m_init_setup() {
+    morgana_stop
+    rm -rf "$M"; mkdir -p "$M"
+    morgana_start
     local i root
     for i in $(seq 0 $((ENDPOINTS - 1))); do
         root=$WORK/ep$i; [[ $i == 0 ]] && root=$WORK/ep0-work
@@ -87,70 +118,78 @@ morgana_fresh() {
     done
     drop_caches
 }
-# restore_setup NAME: the previous run's target goes, a new one is made, caches dropped.
-restore_setup() { unmount_targets; restore_target "$1"; drop_caches; }
-
-swap_in_changed; settle
-timed m_init morgana_fresh agent sync --json --state-dir "$M/state0"
-R[m_nochange]=$(seconds agent sync --json --state-dir "$M/state0")
-rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
-R[m_change_sent]=$(agent sync --json --state-dir "$M/state0" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_sent"])')
+m_init() { agent sync --json --state-dir "$M/state0"; }
+m_restore_setup() { restore_setup morgana-restore; morgana_start; }
 m_restore() { agent restore --snapshot latest --to "$TO" --state-dir "$M/state0"; }
-timed m_restore "restore_setup morgana-restore" m_restore
-unmount_targets
-for i in $(seq 1 $((ENDPOINTS - 1))); do agent sync --state-dir "$M/state$i" > /dev/null; done
-R[m_rss]=$(sort -n "$RSS_LOG" | tail -1)
-R[m_volume]=$(du -sb "$M/data/volumes" | cut -f1)
-R[m_catalog]=$(du -cb "$M/data"/catalog.sqlite* | tail -1 | cut -f1)
-kill $SERVE; wait $SERVE 2>/dev/null || true
 
 # ---------------------------------------------------------------- restic
-if command -v restic >/dev/null; then
-    export RESTIC_PASSWORD=bench RESTIC_REPOSITORY=$WORK/restic-repo
-    restic_fresh() { rm -rf "$RESTIC_REPOSITORY"; restic init -q; drop_caches; }
-    swap_in_changed; settle
-    timed r_init restic_fresh restic backup -q --host ep0 "$WORK/ep0-work"
-    R[r_nochange]=$(seconds restic backup -q --host ep0 "$WORK/ep0-work")
-    rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
+export RESTIC_PASSWORD=bench RESTIC_REPOSITORY=$WORK/restic-repo
+r_init_setup() { rm -rf "$RESTIC_REPOSITORY"; restic init -q; drop_caches; }
+r_init() { restic backup -q --host ep0 "$WORK/ep0-work"; }
+r_restore_setup() { restore_setup restic-restore; }
+r_restore() { restic restore -q latest --host ep0 --target "$TO"; }
+
+# ---------------------------------------------------------------- borg
+export BORG_REPO=$WORK/borg-repo BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
+b_init_setup() { rm -rf "$BORG_REPO"; borg init -e none "$BORG_REPO"; drop_caches; }
+b_init() { borg create --compression lz4 ::ep0-1 "$WORK/ep0-work"; }
+b_restore_setup() { restore_setup borg-restore; mkdir -p "$TO"; }
+b_restore() { cd "$TO" && borg extract ::ep0-1; }
+
+# ---------------------------------------------------------------- rsync
+s_init_setup() { rm -rf "$WORK/rsync-mirror"; drop_caches; }
+s_init() { rsync -a "$WORK/ep0-work/" "$WORK/rsync-mirror/"; }
+s_restore_setup() { restore_setup rsync-restore; }
+s_restore() { rsync -a "$WORK/rsync-mirror/" "$TO/"; }
+
+# ---------------------------------------------------------------- the run
+settle 60
+rounds init
+
+# No-change re-syncs, one tool after the other, on the tree every tool has just read.
+morgana_start
+R[m_nochange]=$(seconds agent sync --json --state-dir "$M/state0")
+morgana_stop
+has() { [[ " ${TOOLS[*]} " == *" $1 "* ]]; }
+if has r; then R[r_nochange]=$(seconds restic backup -q --host ep0 "$WORK/ep0-work"); fi
+if has b; then R[b_nochange]=$(seconds borg create --compression lz4 ::ep0-2 "$WORK/ep0-work"); fi
+if has s; then R[s_nochange]=$(seconds rsync -a --stats "$WORK/ep0-work/" "$WORK/rsync-mirror/"); fi
+
+# The 1 % change, then what each tool sends for it.
+rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
+morgana_start
+R[m_change_sent]=$(agent sync --json --state-dir "$M/state0" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_sent"])')
+morgana_stop
+if has r; then
     R[r_change_sent]=$(restic backup --json --host ep0 "$WORK/ep0-work" | python3 -c 'import json,sys
 for l in sys.stdin:
     d = json.loads(l)
     if d.get("message_type") == "summary": print(d["data_added"])')
-    r_restore() { restic restore -q latest --host ep0 --target "$TO"; }
-    timed r_restore "restore_setup restic-restore" r_restore
-    unmount_targets
-    for i in $(seq 1 $((ENDPOINTS - 1))); do restic backup -q --host "ep$i" "$WORK/ep$i" >/dev/null; done
-    R[r_volume]=$(du -sb "$WORK/restic-repo" | cut -f1)
+fi
+if has b; then
+    R[b_change_sent]=$(borg create --compression lz4 --json ::ep0-3 "$WORK/ep0-work" | python3 -c 'import json,sys; print(json.load(sys.stdin)["archive"]["stats"]["deduplicated_size"])' 2>/dev/null || echo)
+fi
+if has s; then
+    R[s_change_sent]=$(rsync -a --delete --stats "$WORK/ep0-work/" "$WORK/rsync-mirror/" | sed -n 's/^Total bytes sent: //p' | tr -d ,)
 fi
 
-# ---------------------------------------------------------------- borg
-if command -v borg >/dev/null; then
-    export BORG_REPO=$WORK/borg-repo BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
-    borg_fresh() { rm -rf "$BORG_REPO"; borg init -e none "$BORG_REPO"; drop_caches; }
-    swap_in_changed; settle
-    timed b_init borg_fresh borg create --compression lz4 ::ep0-1 "$WORK/ep0-work"
-    R[b_nochange]=$(seconds borg create --compression lz4 ::ep0-2 "$WORK/ep0-work")
-    rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
-    R[b_change_sent]=$(borg create --compression lz4 --json ::ep0-3 "$WORK/ep0-work" | python3 -c 'import json,sys; print(json.load(sys.stdin)["archive"]["stats"]["deduplicated_size"])' 2>/dev/null || echo)
-    borg_restore_setup() { restore_setup borg-restore; mkdir -p "$TO"; }
-    b_restore() { cd "$TO" && borg extract ::ep0-1; }
-    timed b_restore borg_restore_setup b_restore
-    unmount_targets
+rounds restore
+unmount_targets
+
+# The other endpoints, for the volume each tool ends with.
+morgana_start
+for i in $(seq 1 $((ENDPOINTS - 1))); do agent sync --state-dir "$M/state$i" > /dev/null; done
+morgana_stop
+R[m_rss]=$(sort -n "$RSS_LOG" | tail -1)
+R[m_volume]=$(du -sb "$M/data/volumes" | cut -f1)
+R[m_catalog]=$(du -cb "$M/data"/catalog.sqlite* | tail -1 | cut -f1)
+if has r; then
+    for i in $(seq 1 $((ENDPOINTS - 1))); do restic backup -q --host "ep$i" "$WORK/ep$i" >/dev/null; done
+    R[r_volume]=$(du -sb "$RESTIC_REPOSITORY" | cut -f1)
+fi
+if has b; then
     for i in $(seq 1 $((ENDPOINTS - 1))); do borg create --compression lz4 "::ep$i" "$WORK/ep$i"; done
     R[b_volume]=$(du -sb "$BORG_REPO" | cut -f1)
-fi
-
-# ---------------------------------------------------------------- rsync
-if command -v rsync >/dev/null; then
-    rsync_fresh() { rm -rf "$WORK/rsync-mirror"; drop_caches; }
-    swap_in_changed; settle
-    timed s_init rsync_fresh rsync -a "$WORK/ep0-work/" "$WORK/rsync-mirror/"
-    R[s_nochange]=$(seconds rsync -a --stats "$WORK/ep0-work/" "$WORK/rsync-mirror/")
-    rsync -a --delete "$WORK/ep0-changed/" "$WORK/ep0-work/"
-    R[s_change_sent]=$(rsync -a --delete --stats "$WORK/ep0-work/" "$WORK/rsync-mirror/" | sed -n 's/^Total bytes sent: //p' | tr -d ,)
-    s_restore() { rsync -a "$WORK/rsync-mirror/" "$TO/"; }
-    timed s_restore "restore_setup rsync-restore" s_restore
-    unmount_targets
 fi
 
 # ---------------------------------------------------------------- table

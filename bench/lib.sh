@@ -3,13 +3,12 @@
 
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
 
-# settle: lets the disk absorb what was just written before the next tool is timed. Right
-# after 1.4 GB was copied, a first sync ran 0.7-1.2 s slower than 20 s later, so without
-# this the tool timed first after generating the trees paid for them. 20 s was not enough
-# on a slower day: with it, every tool's three runs of the initial sync got faster one after
-# the other (restic 20.8, 16.8, 14.6 s; rsync 21.1, 23.7, 12.3 s; Morgana 12.5, 12.9, 9.7 s),
-# which counts most against the fastest tool, whose runs all fall early.
-settle() { sync; sleep "${SETTLE_SECONDS:-60}"; }
+# settle [SECONDS]: lets the disk absorb what was just written before a tool is timed (20 s,
+# or SETTLE_SECONDS). Right after 1.4 GB was copied, a first sync ran 0.7-1.2 s slower than
+# 20 s later. Settling alone did not remove this host's drift (in session 11, with 60 s
+# before each tool's runs, each tool's three initial syncs still got faster one after the
+# other), which is why bench/e2e.sh interleaves the tools.
+settle() { sync; sleep "${1:-${SETTLE_SECONDS:-20}}"; }
 
 # seconds CMD...: runs CMD, prints elapsed seconds on stdout; CMD's stdout goes to $WORK/last.out
 seconds() {
