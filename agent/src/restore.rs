@@ -1045,9 +1045,10 @@ mod tests {
         assert!(tmp.path().join("t0/d000/e").is_dir());
         assert!(!tmp.path().join("kept").exists());
         // The walk before the read-ahead made a request per directory with subdirectories
-        // (over 600 here); inline files need none.
+        // (over 600 here); inline files need none. The 600 leaves' 37k entries are more than
+        // the read-ahead holds at once, so they come in a few requests.
         let requests = src.requests.load(std::sync::atomic::Ordering::Relaxed);
-        assert!(requests <= 6, "{requests} requests");
+        assert!(requests <= 10, "{requests} requests");
         src.forget(kept_id);
         let again = tempfile::tempdir().unwrap();
         req.to = again.path().to_path_buf();

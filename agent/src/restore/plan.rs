@@ -22,9 +22,12 @@ use super::{BlobSource, IdMap, Request, RestoreError, fetch_in_order, join, show
 
 /// Most trees the read-ahead asks for in one request.
 const TREES_PER_FETCH: usize = 512;
-/// Entries of fetched trees the walk has not reached yet beyond which the read-ahead waits
-/// (unless the walk is waiting for a tree): bounds its memory whatever the snapshot's size.
+/// Most entries of fetched trees the walk has not reached yet (give or take one tree, and
+/// unless the walk is waiting for a tree): bounds the read-ahead's memory whatever the
+/// snapshot's size.
 const AHEAD_ENTRIES: usize = 32 * 1024;
+/// Entries per tree the read-ahead assumes before it has fetched any.
+const FIRST_GUESS_ENTRIES: usize = 512;
 
 /// One entry and where it goes, relative to the snapshot root (and so to `--to`).
 #[derive(Debug)]
@@ -198,24 +201,43 @@ fn read_ahead(source: &dyn BlobSource, req: &Request, ahead: &Ahead) {
         start.reverse();
         start
     };
+    // Entries per tree in the last answer: siblings, which the next request mostly asks for.
+    let mut per_tree = FIRST_GUESS_ENTRIES;
     while !stack.is_empty() {
         let s = ahead
             .changed
             .wait_while(ahead.lock(), |s| {
-                !s.finished && !s.wanted && s.held >= AHEAD_ENTRIES
+                // Half empty before it asks again: requests for the few trees that fit a
+                // nearly full budget would be many and small.
+                !s.finished && !s.wanted && s.held > AHEAD_ENTRIES / 2
             })
             .expect("tree read-ahead lock");
         if s.finished {
             return;
         }
+        // The budget holds whatever the directories' sizes: a request asks for as many
+        // trees as fit the room left at the size last seen, and `load` keeps no more than
+        // fit (512 directories of 1,000 files in one answer held 160 MiB). It always keeps
+        // one, the walk's next.
+        let room = AHEAD_ENTRIES.saturating_sub(s.held);
         drop(s);
+        let take = (room / per_tree.max(1)).clamp(1, TREES_PER_FETCH);
         // Bottom to top: the last one is the walk's next directory.
-        let batch = stack.split_off(stack.len().saturating_sub(TREES_PER_FETCH));
+        let batch = stack.split_off(stack.len().saturating_sub(take));
         let ids: Vec<Id> = batch.iter().rev().map(|(id, _)| *id).collect();
-        let loaded = match load(source, &mut codec, &ids) {
+        let loaded = match load(source, &mut codec, &ids, room) {
             Ok(loaded) => loaded,
             Err(e) => return ahead.update(|s| s.failed = Some(e)),
         };
+        per_tree = loaded.values().map(|(_, tree)| held(tree)).sum::<usize>() / loaded.len();
+        // Trees not kept come later in walk order than every kept one and what lies below
+        // it: back under them.
+        stack.extend(
+            batch
+                .iter()
+                .filter(|(id, _)| !loaded.contains_key(id))
+                .cloned(),
+        );
         // The walk's next directory's subdirectories go on top, its first one topmost.
         for (id, dir) in &batch {
             if let Some((_, Ok(tree))) = loaded.get(id) {
@@ -362,7 +384,7 @@ impl Planner<'_> {
     }
 
     fn load_one(&mut self, id: Id, path: &[u8]) -> Result<Tree, RestoreError> {
-        let mut m = load(self.source, &mut self.codec, &[id])?;
+        let mut m = load(self.source, &mut self.codec, &[id], usize::MAX)?;
         let (_, tree) = m.remove(&id).expect("asked for it");
         tree.map_err(|p| self.tree_error(id, path, p))
     }
@@ -389,8 +411,16 @@ impl Planner<'_> {
 }
 
 /// Fetches, verifies and decodes trees; each with how often `ids` names it (identical
-/// directories, empty ones above all, share one tree).
-fn load(source: &dyn BlobSource, codec: &mut Codec, ids: &[Id]) -> Result<Loaded, RestoreError> {
+/// directories, empty ones above all, share one tree). Once the trees kept hold `room`
+/// entries (see `held`), the rest of the answer is read but not kept: the first tree always
+/// is.
+fn load(
+    source: &dyn BlobSource,
+    codec: &mut Codec,
+    ids: &[Id],
+    room: usize,
+) -> Result<Loaded, RestoreError> {
+    let mut kept = 0;
     let mut out: Loaded = IdMap::default();
     let mut unique = Vec::new();
     for id in ids {
@@ -403,6 +433,10 @@ fn load(source: &dyn BlobSource, codec: &mut Codec, ids: &[Id]) -> Result<Loaded
     }
     for batch in unique.chunks(MAX_IDS_PER_REQUEST) {
         fetch_in_order(source, batch, "tree", &mut |frame, stored| {
+            if kept >= room && kept > 0 {
+                out.remove(&frame.id);
+                return Ok(());
+            }
             let tree = match frame.kind {
                 None => Err(Problem::Missing),
                 Some(_) => match codec.open(frame.id, frame.compression, stored, frame.raw_len) {
@@ -413,9 +447,48 @@ fn load(source: &dyn BlobSource, codec: &mut Codec, ids: &[Id]) -> Result<Loaded
                     }),
                 },
             };
+            kept += held(&tree);
             out.get_mut(&frame.id).expect("asked for it").1 = tree;
             Ok(())
         })?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::restore::testing::MemSource;
+    use morgana_core::tree::Entry;
+
+    #[test]
+    fn a_tree_answer_keeps_only_the_trees_that_fit_the_room_and_always_the_first() {
+        let src = MemSource::default();
+        let dirs: Vec<Entry> = (0..4)
+            .map(|i| {
+                let files = (0..100)
+                    .map(|k| src.file(format!("f{k}").as_bytes(), format!("{i}/{k}").as_bytes(), 1))
+                    .collect();
+                src.dir(format!("d{i}").as_bytes(), files)
+            })
+            .collect();
+        let ids: Vec<Id> = dirs
+            .iter()
+            .map(|d| match d.content {
+                Content::Tree(id) => id,
+                _ => unreachable!(),
+            })
+            .collect();
+        let mut codec = Codec::new(morgana_core::pack::DEFAULT_ZSTD_LEVEL);
+        // Each tree counts 101 (itself and its entries): room for two, not three.
+        let loaded = load(&src, &mut codec, &ids, 202).unwrap();
+        let mut kept: Vec<_> = loaded.keys().copied().collect();
+        kept.sort();
+        let mut first_two = ids[..2].to_vec();
+        first_two.sort();
+        assert_eq!(kept, first_two);
+        let loaded = load(&src, &mut codec, &ids, 0).unwrap();
+        assert_eq!(loaded.keys().copied().collect::<Vec<_>>(), vec![ids[0]]);
+        assert_eq!(loaded[&ids[0]].1.as_ref().unwrap().entries.len(), 100);
+    }
 }
