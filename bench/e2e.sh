@@ -107,7 +107,6 @@ morgana_start() {
 }
 # A new, empty appliance with every endpoint enrolled.
 m_init_setup() {
-    morgana_stop
     rm -rf "$M"; mkdir -p "$M"
     morgana_start
     local i root

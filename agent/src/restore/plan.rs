@@ -201,7 +201,8 @@ fn read_ahead(source: &dyn BlobSource, req: &Request, ahead: &Ahead) {
         start.reverse();
         start
     };
-    // Entries per tree in the last answer: siblings, which the next request mostly asks for.
+    // Entries per tree in the last answer (at least 1: `held` counts the tree itself):
+    // siblings, which the next request mostly asks for.
     let mut per_tree = FIRST_GUESS_ENTRIES;
     while !stack.is_empty() {
         let s = ahead
@@ -221,7 +222,7 @@ fn read_ahead(source: &dyn BlobSource, req: &Request, ahead: &Ahead) {
         // one, the walk's next.
         let room = AHEAD_ENTRIES.saturating_sub(s.held);
         drop(s);
-        let take = (room / per_tree.max(1)).clamp(1, TREES_PER_FETCH);
+        let take = (room / per_tree).clamp(1, TREES_PER_FETCH);
         // Bottom to top: the last one is the walk's next directory.
         let batch = stack.split_off(stack.len().saturating_sub(take));
         let ids: Vec<Id> = batch.iter().rev().map(|(id, _)| *id).collect();
